@@ -1,0 +1,62 @@
+"""Small building blocks: parameters with logical axis names, RMSNorm, SwiGLU MLP."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nanbeige_jax.sharding import with_logical_constraint
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+def make_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], dtype, stddev: float | None,
+               stack: int | None = None) -> nnx.Param:
+  """A parameter initialised N(0, stddev) (or ones when stddev is None), tagged with its logical axes.
+
+  With ``stack`` the parameter gets a leading ``layers`` axis of that size (one slice per decoder layer).
+  """
+  shape, axes = tuple(shape), tuple(axes)
+  if stack is not None:
+    shape, axes = (stack,) + shape, ("layers",) + axes
+  if stddev is None:
+    value = jnp.ones(shape, dtype)
+  else:
+    value = stddev * jax.random.normal(rngs.params(), shape, jnp.float32)
+    value = value.astype(dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  """y = w * x / sqrt(mean(x^2) + eps); statistics in fp32 (as Hugging Face's LlamaRMSNorm)."""
+
+  def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs, stack: int | None = None):
+    self.eps = eps
+    self.scale = make_param(rngs, (dim,), ("norm",), param_dtype, None, stack)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+  def __init__(self, cfg, rngs: nnx.Rngs, stack: int | None = None):
+    pd, std = dtype_of(cfg.param_dtype), cfg.initializer_range
+    self.dtype = dtype_of(cfg.dtype)
+    self.gate = make_param(rngs, (cfg.hidden_size, cfg.intermediate_size), ("embed", "mlp"), pd, std, stack)
+    self.up = make_param(rngs, (cfg.hidden_size, cfg.intermediate_size), ("embed", "mlp"), pd, std, stack)
+    self.down = make_param(rngs, (cfg.intermediate_size, cfg.hidden_size), ("mlp", "embed"), pd, std, stack)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = self.dtype
+    g = jnp.einsum("btd,df->btf", x, self.gate[...].astype(dt))
+    u = jnp.einsum("btd,df->btf", x, self.up[...].astype(dt))
+    h = with_logical_constraint(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"))
+    return jnp.einsum("btf,fd->btd", h, self.down[...].astype(dt))

@@ -1,0 +1,106 @@
+"""Decoder shape, parameter count, scan/unscanned/remat equivalence, KV cache and segment masking."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nanbeige_jax.model import Decoder, ModelConfig, count_params, get_preset
+
+
+def test_nanbeige4_3b_param_count_from_abstract_shapes():
+  cfg = get_preset("nanbeige4_3b")
+  assert count_params(cfg) == 3_933_637_120
+  assert cfg.num_params() == 3_933_637_120
+  assert count_params(get_preset("nanbeige4_1_3b")) == 3_933_637_120
+  assert get_preset("nanbeige4_1_3b").rope_theta == 7e7
+
+
+def test_presets_and_tied_count():
+  for name in ("tiny", "small", "test"):
+    cfg = get_preset(name)
+    assert count_params(cfg) == cfg.num_params()
+  tied = get_preset("test", tie_word_embeddings=True)
+  assert count_params(tied) == tied.num_params() == get_preset("test").num_params() - 64 * 256
+
+
+def test_config_validation_is_one_line():
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    ModelConfig(num_heads=4, num_kv_heads=3)
+  with pytest.raises(ValueError, match="no field"):
+    get_preset("test", num_layer=3)
+  with pytest.raises(ValueError, match="remat_policy"):
+    get_preset("test", remat_policy="sometimes")
+  with pytest.raises(ValueError, match="unknown model preset"):
+    get_preset("nanbeige5")
+
+
+def test_logical_axes_on_every_param():
+  from nanbeige_jax.model import abstract_model
+  from nanbeige_jax.sharding import logical_axes_tree
+  state = nnx.state(abstract_model(get_preset("test")), nnx.Param)
+  axes = logical_axes_tree(state)
+  shapes = nnx.to_pure_dict(state)
+  flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+  flat_shapes = jax.tree.leaves(shapes)
+  assert len(flat_axes) == len(flat_shapes) == 12
+  for a, s in zip(flat_axes, flat_shapes):
+    assert len(a) == len(s.shape) and all(isinstance(n, str) for n in a)
+  assert axes["layers"]["attn"]["q_proj"] == ("layers", "embed", "heads", "head_dim")
+  assert axes["embed"] == ("vocab", "embed") and axes["lm_head"] == ("embed", "vocab")
+
+
+@pytest.fixture(scope="module")
+def model_and_tokens():
+  cfg = get_preset("test")
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+  return cfg, model, tokens
+
+
+@pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "full"), (False, "save_dots"),
+                                        (True, "save_qkv_out")])
+def test_scan_and_remat_do_not_change_the_function(model_and_tokens, scan, remat):
+  cfg, model, tokens = model_and_tokens
+  ref = model(tokens)
+  other = Decoder(cfg.replace(scan_layers=scan, remat_policy=remat), rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(other(tokens), ref, atol=1e-5, rtol=0)
+
+  def loss(m):
+    return jnp.mean(m(tokens) ** 2)
+  g_ref = nnx.grad(loss)(model)
+  g = nnx.grad(loss)(other)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_bf16_compute_returns_fp32_logits(model_and_tokens):
+  cfg, _, tokens = model_and_tokens
+  m = Decoder(cfg.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))
+  out = m(tokens)
+  assert out.dtype == jnp.float32
+  assert m.embed[...].dtype == jnp.float32
+
+
+def test_incremental_decode_with_cache_equals_full_forward(model_and_tokens):
+  cfg, model, tokens = model_and_tokens
+  full = model(tokens)
+  cache = model.init_cache(2, 20)
+  out, cache = model(tokens[:, :7], cache=cache)
+  outs = [out]
+  for i in range(7, 12):
+    o, cache = model(tokens[:, i:i + 1], cache=cache)
+    outs.append(o)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=0)
+  assert int(cache.index) == 12
+
+
+def test_packed_segments_do_not_attend_across_documents(model_and_tokens):
+  cfg, model, tokens = model_and_tokens
+  a, b = tokens[0, :5], tokens[1, :7]
+  packed = jnp.concatenate([a, b])[None]
+  seg = jnp.array([[1] * 5 + [2] * 7])
+  pos = jnp.array([list(range(5)) + list(range(7))])
+  out = model(packed, positions=pos, segment_ids=seg)
+  np.testing.assert_allclose(out[0, :5], model(a[None])[0], atol=1e-5)
+  np.testing.assert_allclose(out[0, 5:], model(b[None])[0], atol=1e-5)
