@@ -1,0 +1,121 @@
+"""Sampling settings and the per-step token choice (temperature, top-k, top-p, greedy).
+
+Log-probability convention (what every sampler output and RL consumer in this project relies on):
+the log-prob reported for a sampled token is ``log_softmax(logits / temperature)[token]``, i.e. its log-prob
+under the *policy distribution at the sampling temperature*, **before** top-k/top-p truncation. Truncation only
+restricts which tokens may be drawn; it is not part of the policy a trainer can re-evaluate with a teacher-forced
+forward pass, so it is not folded into the reported log-probs. Greedy decoding (``temperature == 0``) reports
+``log_softmax(logits)[token]`` (temperature 1). A teacher-forced pass that computes
+``log_softmax(model(tokens) / temperature)`` reproduces these values exactly (up to float rounding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to decode. ``temperature == 0`` means greedy (argmax); ``top_k == 0`` and ``top_p == 1`` disable the
+  truncations. ``stop_token_ids`` end a sample (the stop token is emitted and counted); ``max_new_tokens`` caps
+  the number of generated tokens per sample."""
+
+  max_new_tokens: int = 256
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  stop_token_ids: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+      raise ValueError(f"SamplingConfig.max_new_tokens: expected an int >= 1, found {self.max_new_tokens!r}")
+    if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+      raise ValueError(f"SamplingConfig.temperature: expected a finite float >= 0, found {self.temperature!r}")
+    if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+      raise ValueError(f"SamplingConfig.top_p: expected a float in (0, 1], found {self.top_p!r}")
+    if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k: expected an int >= 0 (0 = off), found {self.top_k!r}")
+    if not isinstance(self.stop_token_ids, tuple) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+      raise ValueError(f"SamplingConfig.stop_token_ids: expected a tuple of ints, found {self.stop_token_ids!r}")
+    if self.greedy and (self.top_k or self.top_p < 1):
+      raise ValueError("SamplingConfig: temperature=0 is greedy decoding; top_k/top_p would be ignored, "
+                       f"found top_k={self.top_k}, top_p={self.top_p}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+  def replace(self, **changes) -> "SamplingConfig":
+    return dataclasses.replace(self, **changes)
+
+  def check_vocab(self, vocab_size: int) -> None:
+    bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+    if bad:
+      raise ValueError(f"SamplingConfig.stop_token_ids: {bad} are outside the model vocabulary [0, {vocab_size})")
+    if self.top_k > vocab_size:
+      raise ValueError(f"SamplingConfig.top_k={self.top_k} exceeds the vocabulary size {vocab_size}")
+
+
+def truncate_logits(scaled: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array:
+  """Set logits outside the top-k set and outside the top-p nucleus (of the top-k-renormalised distribution)
+  to -inf. ``scaled`` (B, V) are temperature-scaled logits; ``top_k`` is static (0 = off); ``top_p`` a traced
+  scalar or None (off). The most likely token is always kept."""
+  neg_inf = jnp.asarray(-jnp.inf, scaled.dtype)
+  if top_k:
+    kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
+    scaled = jnp.where(scaled >= kth, scaled, neg_inf)
+  if top_p is not None:
+    desc = -jnp.sort(-scaled, axis=-1)
+    probs = jax.nn.softmax(desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p
+    keep = keep.at[..., 0].set(True)
+    num_kept = jnp.sum(keep, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(desc, num_kept - 1, axis=-1)
+    scaled = jnp.where(scaled >= threshold, scaled, neg_inf)
+  return scaled
+
+
+def choose_tokens(row_keys: jax.Array, logits: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
+                  greedy: bool, top_k: int, use_top_p: bool) -> tuple[jax.Array, jax.Array]:
+  """One decoding step. ``row_keys`` (B,) typed PRNG keys (one stream per sample, so a sample does not depend on
+  its batch-mates), ``logits`` (B, V) fp32. Returns (tokens (B,) int32, log-probs (B,) fp32) with the
+  log-prob convention of the module docstring."""
+  logits = logits.astype(jnp.float32)
+  if greedy:
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+  else:
+    scaled = logits / temperature
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    masked = truncate_logits(scaled, top_k, top_p if use_top_p else None)
+    tokens = jax.vmap(jax.random.categorical)(row_keys, masked).astype(jnp.int32)
+  return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def policy_logprobs(logits: jax.Array, targets: jax.Array, temperature: float) -> jax.Array:
+  """Teacher-forced counterpart of the sampler's log-probs: logits (..., V), targets (...) -> (...) fp32."""
+  t = 1.0 if temperature == 0 else temperature
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
+  return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def resolve_stop_tokens(stop_tokens: Sequence[int | str], special_ids: dict[str, int] | None) -> tuple[int, ...]:
+  """Stop tokens given as ids or special-token strings -> ids. An unknown string is an error."""
+  out = []
+  for tok in stop_tokens:
+    if isinstance(tok, str):
+      if not special_ids or tok not in special_ids:
+        known = sorted(special_ids) if special_ids else []
+        raise ValueError(f"unknown stop token {tok!r}: not a special token of the tokenizer (known: {known})")
+      out.append(int(special_ids[tok]))
+    elif isinstance(tok, int) and not isinstance(tok, bool):
+      out.append(tok)
+    else:
+      raise ValueError(f"stop token {tok!r}: expected an int id or a special-token string")
+  return tuple(dict.fromkeys(out))
