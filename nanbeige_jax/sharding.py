@@ -42,14 +42,16 @@ _CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.Contex
                                                                                      default=None)
 
 
-def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None = None) -> PartitionSpec:
+def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None = None,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
   """Map logical axis names to a PartitionSpec. Unknown names are an error; a mesh axis is used at most once
   per array (a later dimension that maps to an already-used mesh axis is left replicated), and mesh axes of
-  size 1 are dropped so specs stay readable."""
+  size 1 are dropped so specs stay readable. Given the array ``shape``, mesh axes that do not divide a
+  dimension are dropped too (e.g. 4 kv heads on an 8-way tensor axis stay replicated)."""
   table = dict(rules)
   used: set[str] = set()
   out: list[MeshAxes] = []
-  for name in axes:
+  for dim, name in enumerate(axes):
     if name is None:
       out.append(None)
       continue
@@ -60,6 +62,13 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None 
     if mesh is not None:
       targets = tuple(t for t in targets if mesh.shape.get(t, 1) > 1)
     targets = tuple(t for t in targets if t not in used)
+    if mesh is not None and shape is not None:
+      kept, size = [], 1
+      for t in targets:
+        if shape[dim] % (size * mesh.shape[t]) == 0:
+          kept.append(t)
+          size *= mesh.shape[t]
+      targets = tuple(kept)
     used.update(targets)
     out.append(None if not targets else targets[0] if len(targets) == 1 else targets)
   while out and out[-1] is None:
@@ -86,7 +95,7 @@ def with_logical_constraint(x: jax.Array, axes: Sequence[str | None]) -> jax.Arr
   if ctx is None:
     return x
   mesh, rules = ctx
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh)))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape)))
 
 
 def logical_axes_tree(abstract_state: Any) -> Any:
@@ -101,12 +110,66 @@ def logical_axes_tree(abstract_state: Any) -> Any:
                                        is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def tree_shardings(axes_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-  """Pure tree of logical-axis tuples -> tree of NamedShardings."""
-  return jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules, mesh)), axes_tree,
-                      is_leaf=lambda x: isinstance(x, tuple))
+def tree_shardings(axes_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES, shapes: Any = None) -> Any:
+  """Pure tree of logical-axis tuples (and optionally the matching tree of arrays/ShapeDtypeStructs, whose
+  shapes let indivisible dimensions stay replicated) -> tree of NamedShardings."""
+  is_axes = lambda x: isinstance(x, tuple)
+  if shapes is None:
+    return jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules, mesh)), axes_tree,
+                        is_leaf=is_axes)
+  return jax.tree.map(lambda axes, s: NamedSharding(mesh, logical_to_spec(axes, rules, mesh, s.shape)),
+                      axes_tree, shapes, is_leaf=is_axes)
 
 
 def single_device_mesh() -> Mesh:
   import numpy as np
   return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+
+
+# --- meshes -----------------------------------------------------------------------------------------------------
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def _resolve_sizes(sizes: dict[str, int], total: int, what: str) -> tuple[int, ...]:
+  vals = [int(sizes[a]) for a in MESH_AXES]
+  if sum(v == -1 for v in vals) > 1:
+    raise ValueError(f"{what}: at most one mesh axis may be -1 (inferred), found {dict(zip(MESH_AXES, vals))}")
+  if any(v == 0 or v < -1 for v in vals):
+    raise ValueError(f"{what}: mesh axis sizes must be positive or -1, found {dict(zip(MESH_AXES, vals))}")
+  known = 1
+  for v in vals:
+    if v != -1:
+      known *= v
+  if -1 in vals:
+    if total % known:
+      raise ValueError(f"{what}: {total} devices cannot be split as {dict(zip(MESH_AXES, vals))} "
+                       f"({total} is not divisible by {known})")
+    vals[vals.index(-1)] = total // known
+  elif known != total:
+    raise ValueError(f"{what}: mesh {dict(zip(MESH_AXES, vals))} needs {known} devices but {total} are available")
+  return tuple(vals)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, dcn_data: int = 1, dcn_fsdp: int = 1,
+              dcn_tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh with Auto (GSPMD) axis types.
+
+  ``data``/``fsdp``/``tensor`` are the sizes within a slice (ICI); ``dcn_*`` the sizes across slices (DCN) for
+  multi-slice pods, laid out with ``mesh_utils.create_hybrid_device_mesh``. One ICI size may be -1 (inferred).
+  """
+  import numpy as np
+  from jax.experimental import mesh_utils
+  devices = list(devices if devices is not None else jax.devices())
+  dcn = (int(dcn_data), int(dcn_fsdp), int(dcn_tensor))
+  num_slices = dcn[0] * dcn[1] * dcn[2]
+  if len(devices) % num_slices:
+    raise ValueError(f"mesh: {len(devices)} devices are not divisible into {num_slices} DCN slices {dcn}")
+  ici = _resolve_sizes({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices) // num_slices, "mesh")
+  if num_slices > 1:
+    arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+  else:
+    try:
+      arr = mesh_utils.create_device_mesh(ici, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+      arr = np.array(devices).reshape(ici)
+  return Mesh(arr, MESH_AXES)

@@ -1,0 +1,77 @@
+"""Gin plumbing shared by every launcher: parse files and bindings, fail with one clear line on bad settings.
+
+Configs are typed dataclasses registered with gin (``@gin_dataclass``); their ``__post_init__`` validates values,
+so an unknown or mistyped parameter (gin) and a contradictory value (dataclass) both end as a ``ConfigError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import gin
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
+
+
+class ConfigError(ValueError):
+  """A bad configuration: unknown parameter, wrong type, contradictory values, missing file."""
+
+
+def gin_dataclass(cls=None, *, module: str = "nanbeige_jax"):
+  """Register a dataclass with gin under ``module`` (bindings read ``ClassName.field = value``)."""
+  def wrap(c):
+    return gin.configurable(c, module=module)
+  return wrap if cls is None else wrap(cls)
+
+
+def resolve_config_path(path: str) -> str:
+  """A gin file path as given, or relative to the repo's ``configs/`` directory."""
+  for candidate in (path, os.path.join(CONFIG_DIR, path), os.path.join(REPO_ROOT, path)):
+    if os.path.exists(candidate):
+      return candidate
+  raise ConfigError(f"gin file not found: {path!r} (looked in ., {CONFIG_DIR})")
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
+  """Parse gin files then bindings (bindings win). Any gin error becomes a one-line ConfigError."""
+  gin.clear_config()
+  paths = [resolve_config_path(f) for f in files]
+  for p in paths:
+    gin.add_config_file_search_path(os.path.dirname(os.path.abspath(p)))
+  gin.add_config_file_search_path(CONFIG_DIR)
+  try:
+    gin.parse_config_files_and_bindings(paths, list(bindings), finalize_config=False)
+  except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
+    msg = " ".join(str(e).split())
+    raise ConfigError(f"bad gin configuration: {msg}") from None
+
+
+def build(cls: type) -> Any:
+  """Instantiate a gin-registered dataclass, turning validation errors into one-line ConfigErrors."""
+  try:
+    return cls()
+  except (ValueError, TypeError) as e:
+    msg = " ".join(str(e).split())
+    raise ConfigError(f"invalid {cls.__name__}: {msg}") from None
+
+
+def check_keys(what: str, given: dict[str, Any], allowed: Sequence[str], required: Sequence[str] = ()) -> None:
+  unknown = sorted(set(given) - set(allowed))
+  if unknown:
+    raise ConfigError(f"{what}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+  missing = sorted(set(required) - set(given))
+  if missing:
+    raise ConfigError(f"{what}: missing required key(s) {missing}")
+
+
+def as_dict(obj: Any) -> Any:
+  """Dataclass (nested) -> plain JSON-able structure, for metadata."""
+  if dataclasses.is_dataclass(obj):
+    return {f.name: as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+  if isinstance(obj, dict):
+    return {str(k): as_dict(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [as_dict(v) for v in obj]
+  return obj
