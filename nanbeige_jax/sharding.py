@@ -1,19 +1,30 @@
-"""Logical axis names -> mesh axes.
+"""Logical axis names -> mesh axes; meshes from config; the resolved-sharding report.
 
 Model code names every parameter and main activation dimension with a *logical* axis ("embed", "heads", ...).
 A rules table (from config) maps each logical name to a mesh axis (or a tuple of mesh axes, or None for
 replicated). This module resolves those names into ``PartitionSpec``/``NamedSharding`` and applies activation
 constraints while a ``use_mesh_rules`` context is active; outside such a context constraints are no-ops, so the
 model runs unchanged on one device.
+
+Meshes have the axes ("data", "fsdp", "tensor") and *Auto* (GSPMD) axis types: shardings are chosen by the
+partitioner from the in/out shardings of the jitted step and the activation constraints, not carried in array
+types (``jax.make_mesh``'s default, Explicit axes, would make every contraction over a sharded dimension need an
+``out_sharding`` annotation in model code). ``ShardingConfig`` (gin-configurable) holds the mesh sizes and the
+rules table; ``configs/sharding/*.gin`` hold the canned tables (``RULE_TABLES`` has the same tables by name).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import math
 from typing import Any, Iterator, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nanbeige_jax.config import gin_dataclass
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
@@ -173,3 +184,254 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, dcn_data: int =
     except (ValueError, NotImplementedError, AssertionError):
       arr = np.array(devices).reshape(ici)
   return Mesh(arr, MESH_AXES)
+
+
+# --- rules tables -----------------------------------------------------------------------------------------------
+# Every logical axis name the model uses (parameters, activations, KV cache). A rules table must cover all of them.
+LOGICAL_AXES = ("batch", "length", "embed", "vocab", "heads", "kv_heads", "head_dim", "mlp", "layers", "norm",
+                "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab", "cache_length")
+
+
+def _table(**mapping: MeshAxes) -> Rules:
+  missing = sorted(set(LOGICAL_AXES) - set(mapping))
+  assert not missing, missing
+  return tuple((name, mapping[name]) for name in LOGICAL_AXES)
+
+
+# Canned tables, by name (the same tables as configs/sharding/<name>.gin; a test keeps them in step).
+RULE_TABLES: dict[str, Rules] = {
+    # Parameters sharded over "fsdp" along their model dimension; heads/mlp/vocab over "tensor" (Megatron-style).
+    "fsdp_tp": DEFAULT_RULES,
+    # ZeRO-3 style: parameters and optimizer state sharded over "fsdp", no tensor parallelism.
+    "fsdp": _table(batch=("data", "fsdp"), length=None, embed="fsdp", vocab=None, heads=None, kv_heads=None,
+                   head_dim=None, mlp=None, layers=None, norm=None, act_embed=None, act_heads=None,
+                   act_kv_heads=None, act_mlp=None, act_vocab=None, cache_length=None),
+    # Pure data parallelism: every parameter replicated, the batch split over every device.
+    "dp": _table(batch=("data", "fsdp", "tensor"), length=None, embed=None, vocab=None, heads=None, kv_heads=None,
+                 head_dim=None, mlp=None, layers=None, norm=None, act_embed=None, act_heads=None, act_kv_heads=None,
+                 act_mlp=None, act_vocab=None, cache_length=None),
+    # Tensor parallelism only (plus data parallelism over "data"/"fsdp"): parameters replicated along embed.
+    "tp": _table(batch=("data", "fsdp"), length=None, embed=None, vocab="tensor", heads="tensor",
+                 kv_heads="tensor", head_dim=None, mlp="tensor", layers=None, norm=None, act_embed=None,
+                 act_heads="tensor", act_kv_heads="tensor", act_mlp="tensor", act_vocab="tensor",
+                 cache_length=None),
+}
+
+
+def normalize_rules(rules: Any) -> Rules:
+  """A rules table as given by config (lists from gin, a name of a canned table) -> validated ``Rules``.
+
+  Raises ValueError naming the offending entry: not a (name, axes) pair, a duplicate logical name, a mesh axis
+  that is not one of MESH_AXES, a mesh axis used twice in one entry, or a logical axis the model uses left out.
+  """
+  if isinstance(rules, str):
+    if rules not in RULE_TABLES:
+      raise ValueError(f"unknown sharding rules table {rules!r}; known tables: {sorted(RULE_TABLES)}")
+    rules = RULE_TABLES[rules]
+  if isinstance(rules, dict):
+    rules = tuple(rules.items())
+  out: list[tuple[str, MeshAxes]] = []
+  seen: set[str] = set()
+  for i, entry in enumerate(rules):
+    if not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str):
+      raise ValueError(f"sharding rules entry {i}: expected a (logical_name, mesh_axes) pair, found {entry!r}")
+    name, target = entry
+    if name in seen:
+      raise ValueError(f"sharding rules: logical axis {name!r} appears more than once")
+    seen.add(name)
+    if name not in LOGICAL_AXES:
+      raise ValueError(f"sharding rules: unknown logical axis {name!r}; the model uses {list(LOGICAL_AXES)}")
+    if target is None or isinstance(target, str):
+      targets: tuple[str, ...] = () if target is None else (target,)
+    elif isinstance(target, (tuple, list)) and all(isinstance(t, str) for t in target):
+      targets = tuple(target)
+    else:
+      raise ValueError(f"sharding rules: {name!r} -> {target!r}: expected None, a mesh axis name or a list of them")
+    bad = [t for t in targets if t not in MESH_AXES]
+    if bad:
+      raise ValueError(f"sharding rules: {name!r} -> {target!r}: unknown mesh axis {bad[0]!r}; "
+                       f"mesh axes are {list(MESH_AXES)}")
+    if len(set(targets)) != len(targets):
+      raise ValueError(f"sharding rules: {name!r} -> {target!r} uses a mesh axis twice")
+    out.append((name, None if not targets else targets[0] if len(targets) == 1 else targets))
+  missing = [n for n in LOGICAL_AXES if n not in seen]
+  if missing:
+    raise ValueError(f"sharding rules: no rule for logical axis/axes {missing} (use None to replicate)")
+  return tuple(out)
+
+
+@gin_dataclass
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+  """Mesh sizes and the logical-axis rules table.
+
+  ``data``/``fsdp``/``tensor`` are the mesh sizes within a slice (ICI); one of them may be -1 (inferred from the
+  device count). ``dcn_*`` are the sizes across slices (DCN, multi-slice pods; product = number of slices).
+  ``rules`` is the name of a canned table (``RULE_TABLES``) or a full table of (logical_name, mesh_axes) pairs.
+  """
+
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+  dcn_data: int = 1
+  dcn_fsdp: int = 1
+  dcn_tensor: int = 1
+  rules: Any = "fsdp_tp"
+
+  def __post_init__(self):
+    ici = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    for name, value in ici.items():
+      if not isinstance(value, int) or isinstance(value, bool) or (value <= 0 and value != -1):
+        raise ValueError(f"ShardingConfig.{name}: expected a positive int or -1 (inferred), found {value!r}")
+    if sum(v == -1 for v in ici.values()) > 1:
+      raise ValueError(f"ShardingConfig: at most one of data/fsdp/tensor may be -1, found {ici}")
+    for name in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"ShardingConfig.{name}: expected a positive int, found {value!r}")
+    object.__setattr__(self, "rules", normalize_rules(self.rules))
+
+  @property
+  def num_slices(self) -> int:
+    return self.dcn_data * self.dcn_fsdp * self.dcn_tensor
+
+  def make_mesh(self, devices: Sequence[Any] | None = None) -> Mesh:
+    """The mesh over ``devices`` (default: all global devices). Sizes that do not divide the device count are a
+    one-line ValueError."""
+    return make_mesh(self.data, self.fsdp, self.tensor, dcn_data=self.dcn_data, dcn_fsdp=self.dcn_fsdp,
+                     dcn_tensor=self.dcn_tensor, devices=devices)
+
+  def replace(self, **changes: Any) -> "ShardingConfig":
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+    if unknown:
+      raise ValueError(f"ShardingConfig has no field(s) {unknown}")
+    return dataclasses.replace(self, **changes)
+
+
+# --- resolved-sharding report -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ShardingRow:
+  path: str
+  shape: tuple[int, ...]
+  dtype: str
+  spec: str
+  bytes_total: int
+  bytes_per_device: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingReport:
+  """Per-parameter PartitionSpec and bytes per device, with totals for params and optimizer state.
+
+  ``*_per_device`` totals are the bytes on the most loaded device (shards of indivisible or replicated arrays
+  are counted in full on every device that holds them)."""
+  mesh_shape: dict[str, int]
+  rows: tuple[ShardingRow, ...]
+  param_bytes_total: int
+  param_bytes_per_device: int
+  opt_bytes_total: int
+  opt_bytes_per_device: int
+
+  def to_json(self) -> dict[str, Any]:
+    return {"mesh": dict(self.mesh_shape),
+            "params": {r.path: {"shape": list(r.shape), "dtype": r.dtype, "spec": r.spec,
+                                "bytes_per_device": r.bytes_per_device} for r in self.rows},
+            "param_bytes_total": self.param_bytes_total, "param_bytes_per_device": self.param_bytes_per_device,
+            "opt_bytes_total": self.opt_bytes_total, "opt_bytes_per_device": self.opt_bytes_per_device}
+
+
+def _key_str(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def spec_str(spec: PartitionSpec) -> str:
+  """A compact, stable text form of a PartitionSpec: P('fsdp', None, ('data', 'tensor'))."""
+  parts = []
+  for entry in spec:
+    if entry is None:
+      parts.append("None")
+    elif isinstance(entry, str):
+      parts.append(repr(entry))
+    else:
+      parts.append("(" + ", ".join(repr(e) for e in entry) + ("," if len(entry) == 1 else "") + ")")
+  return "P(" + ", ".join(parts) + ")"
+
+
+def _leaf_bytes(leaf: Any) -> tuple[int, int]:
+  """(total bytes, bytes on one device) of an array or ShapeDtypeStruct carrying a sharding."""
+  itemsize = np.dtype(leaf.dtype).itemsize
+  total = math.prod(leaf.shape) * itemsize
+  sharding = getattr(leaf, "sharding", None)
+  if sharding is None:
+    return total, total
+  return total, math.prod(sharding.shard_shape(tuple(leaf.shape))) * itemsize
+
+
+def _device_bytes(tree: Any) -> tuple[int, int]:
+  """(total bytes, bytes on the most loaded device) over the array leaves of ``tree``."""
+  per_device: dict[Any, int] = {}
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+      continue
+    t, _ = _leaf_bytes(leaf)
+    total += t
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+      per_device[None] = per_device.get(None, 0) + t
+      continue
+    for device, index in sharding.devices_indices_map(tuple(leaf.shape)).items():
+      n = math.prod(len(range(*s.indices(d))) for s, d in zip(index, leaf.shape)) * np.dtype(leaf.dtype).itemsize
+      per_device[device] = per_device.get(device, 0) + n
+  return total, max(per_device.values(), default=0)
+
+
+def sharding_report(params: Any, opt_state: Any = None) -> ShardingReport:
+  """Build the report from trees of arrays or ShapeDtypeStructs that carry NamedShardings (e.g.
+  ``trainer.abstract_params``/``trainer.abstract_opt_state``; nothing is allocated)."""
+  rows = []
+  mesh_shape: dict[str, int] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    sharding = leaf.sharding
+    if isinstance(sharding, NamedSharding):
+      mesh_shape = dict(sharding.mesh.shape)
+      spec = spec_str(sharding.spec)
+    else:
+      spec = str(sharding)
+    total, per_device = _leaf_bytes(leaf)
+    rows.append(ShardingRow(path="/".join(_key_str(k) for k in path), shape=tuple(int(d) for d in leaf.shape),
+                            dtype=str(np.dtype(leaf.dtype)), spec=spec, bytes_total=total,
+                            bytes_per_device=per_device))
+  p_total, p_dev = _device_bytes(params)
+  o_total, o_dev = _device_bytes(opt_state) if opt_state is not None else (0, 0)
+  return ShardingReport(mesh_shape=mesh_shape, rows=tuple(rows), param_bytes_total=p_total,
+                        param_bytes_per_device=p_dev, opt_bytes_total=o_total, opt_bytes_per_device=o_dev)
+
+
+def format_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if abs(n) < 1024 or unit == "TiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+    n /= 1024
+  return f"{n:.2f} TiB"
+
+
+def format_sharding_report(report: Any) -> str:
+  """Text table of a ``ShardingReport`` (or of a ``Trainer``: its params and optimizer state)."""
+  if not isinstance(report, ShardingReport):
+    report = sharding_report(report.abstract_params, getattr(report, "abstract_opt_state", None))
+  mesh = " x ".join(f"{k}={v}" for k, v in report.mesh_shape.items())
+  width = max([len(r.path) for r in report.rows] + [9])
+  spec_w = max([len(r.spec) for r in report.rows] + [4])
+  lines = [f"resolved sharding on mesh {mesh}",
+           f"{'parameter':<{width}}  {'shape':<24} {'spec':<{spec_w}}  {'per device':>11}"]
+  for r in report.rows:
+    lines.append(f"{r.path:<{width}}  {str(r.shape):<24} {r.spec:<{spec_w}}  {format_bytes(r.bytes_per_device):>11}")
+  lines.append(f"params:          {format_bytes(report.param_bytes_total)} total, "
+               f"{format_bytes(report.param_bytes_per_device)} per device")
+  lines.append(f"optimizer state: {format_bytes(report.opt_bytes_total)} total, "
+               f"{format_bytes(report.opt_bytes_per_device)} per device")
+  return "\n".join(lines)
