@@ -3,7 +3,8 @@
 Trained models use the fixed id layout ``<pad>=0, <unk>=1, <s>=2 (bos), </s>=3 (eos)`` followed by the Nanbeige
 chat/reasoning specials as user-defined symbols (ids 4..8), so they are never split. Byte fallback keeps every
 string encodable; digits are split one per token (helps arithmetic); normalisation is the identity and whitespace
-runs are kept (code survives an encode/decode round trip).
+runs are kept (code survives an encode/decode round trip). Training reads documents line by line, so a newline
+encodes as the byte piece ``<0x0A>`` (as in Llama's tokenizer).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Procedurally generated GSM8K-style arithmetic word problems with worked, step-by-step solutions.
 
 Every problem comes from one of a few templates (shopping totals, rates, equal sharing, running stock, savings,
-change from a payment); ``difficulty`` (1-3) is the number of arithmetic steps beyond the first. All answers are
+change from a payment); each ``difficulty`` level (1-3) adds at least one arithmetic step to a template. All answers are
 integers and every intermediate result is a non-negative integer. Solutions end with the line
 ``The answer is N.`` so that a verifier can parse them.
 
@@ -54,9 +54,9 @@ def _finish(template: str, numbers: tuple[int, ...], words: tuple[str, ...], que
 
 
 def _shopping(rng: random.Random, difficulty: int) -> Problem:
-  """Sum of (count x unit price) over 1 + difficulty item kinds (up to 3 kinds)."""
+  """Sum of (count x unit price) over ``difficulty`` item kinds."""
   name = rng.choice(NAMES)
-  kinds = rng.sample(ITEMS, min(1 + difficulty, 3))
+  kinds = rng.sample(ITEMS, difficulty)
   numbers: list[int] = []
   parts, steps, costs = [], [], []
   for singular, plural in kinds:
