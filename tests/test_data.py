@@ -7,7 +7,8 @@ import pytest
 
 from nanbeige_jax.data import packing
 from nanbeige_jax.data import sources as S
-from nanbeige_jax.data.mixture import MixtureIterator, draw_row_sources, iter_eval_batches, validate_weights
+from nanbeige_jax.data.mixture import (MixtureIterator, draw_row_sources, iter_eval_batches, shared_token_cache,
+                                       validate_weights)
 from nanbeige_jax.data.tokenizer import Tokenizer
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights", "source_ids")
@@ -399,6 +400,9 @@ def test_finite_eval_batches(texts, tokenizer):
                                                                  source_id=1)])
   np.testing.assert_array_equal(merged, whole)
   assert len(list(iterator.eval_batches("beta", 32, max_batches=1))) == 1
+  # Tokenized documents are cached per (source object, tokenizer) and shared across iterators.
+  cache = shared_token_cache(source, tokenizer)
+  assert cache is shared_token_cache(source, tokenizer) and cache.tokens == expected_tokens
   with pytest.raises(ValueError, match="unknown source 'delta'"):
     iterator.eval_batches("delta", 32)
 

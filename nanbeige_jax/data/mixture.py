@@ -13,11 +13,13 @@ batch. Training rows are fully packed (no padding), so realized token proportion
 Sharding: process ``p`` returns the contiguous rows ``[p * batch_size, (p + 1) * batch_size)`` of the global batch.
 Every process advances every stream through all global rows (only its own rows are materialized), which needs the
 token length of every document consumed, so each process tokenizes (and caches) all documents it passes. The
-state is global and identical on all processes.
+state is global and identical on all processes. Tokenization is lazy and cached per (source object, tokenizer),
+shared by all iterators over the same source object.
 """
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -78,6 +80,20 @@ class EpochShuffledIndices:
       self._order = self.indices[rng.permutation(len(self.indices))]
       self._epoch = epoch
     return int(self._order[within])
+
+
+_SHARED_CACHES: "weakref.WeakKeyDictionary[DocumentSource, dict[str, _TokenCache]]" = weakref.WeakKeyDictionary()
+
+
+def shared_token_cache(source: DocumentSource, tokenizer: Tokenizer, max_tokens: int = 10_000_000) -> _TokenCache:
+  """The token cache of ``(source, tokenizer)``, shared by every iterator over that source object (so that e.g. an
+  eval iterator re-created at every evaluation does not re-tokenize)."""
+  per_tokenizer = _SHARED_CACHES.setdefault(source, {})
+  cache = per_tokenizer.get(tokenizer.fingerprint())
+  if cache is None:
+    cache = per_tokenizer[tokenizer.fingerprint()] = _TokenCache(source, tokenizer, max_tokens)
+  cache.max_tokens = max(cache.max_tokens, max_tokens)
+  return cache
 
 
 def validate_weights(weights: Mapping[str, float], source_names: Sequence[str]) -> np.ndarray:
@@ -147,7 +163,7 @@ class MixtureIterator:
       source.split_indices(split)  # loads and validates: empty/missing sources fail here, by name
       shuffle_seed = int(np.random.SeedSequence([_SEED_SALT, self.seed, index]).generate_state(1)[0])
       self._datasets[name] = EpochShuffledIndices(source.split_indices(split), shuffle_seed, split == "train")
-      self._caches[name] = _TokenCache(source, tokenizer, max_cached_tokens // len(self._sources))
+      self._caches[name] = shared_token_cache(source, tokenizer, max_cached_tokens // len(self._sources))
     self._fetchers = {name: self._fetcher(name) for name in self.source_names}  # cursor -> doc is pure: no reset
     self._cursors = {name: [0, 0] for name in self.source_names}
     self._batch_counter = 0
@@ -245,8 +261,8 @@ def iter_eval_batches(source: SourceLike, tokenizer: Tokenizer, *, batch_size: i
   rows ``[p * batch_size, (p + 1) * batch_size)`` of each global batch.
   """
   source = as_source(name, source)
-  documents = [packing.document_sequence(tokenizer.encode(text), tokenizer.bos_id, tokenizer.eos_id)
-               for text in source.split_documents("eval")]
+  cache = shared_token_cache(source, tokenizer)
+  documents = [cache.get(int(index)) for index in source.split_indices("eval")]
   rows = packing.pack_sequences(documents, seq_len, tokenizer.pad_id)
   rows["source_ids"] = np.where(rows["segment_ids"] > 0, source_id, -1).astype(np.int32)
   global_batch = batch_size * process_count
