@@ -5,8 +5,10 @@ How the processes of a run find each other, in order of precedence:
 * **explicit**: ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or the environment variable
   ``JAX_COORDINATOR_ADDRESS`` with the two counts), for hand-started processes, e.g. several CPU processes on one
   machine (gloo collectives) or hosts without a cluster manager;
-* **slurm**: inside an ``srun`` step with more than one task (``SLURM_JOB_ID``, ``SLURM_NTASKS`` > 1, ...);
-  ``jax.distributed.initialize()`` reads the coordinator, process count and id from SLURM's environment;
+* **slurm**: inside an ``srun`` step with more than one task (``SLURM_JOB_ID``, ``SLURM_STEP_NODELIST``,
+  ``SLURM_NTASKS`` > 1, ``SLURM_PROCID``, ``SLURM_LOCALID``); ``jax.distributed.initialize()`` takes the
+  coordinator (first node of the step), process count and id from them and binds each process to GPU
+  ``SLURM_LOCALID``, so launch one task per GPU (``launch/slurm_gpu.sbatch``);
 * **tpu**: on a Cloud TPU VM (a TPU device node, ``TPU_WORKER_HOSTNAMES`` or ``TPU_ACCELERATOR_TYPE``);
   ``jax.distributed.initialize()`` with no arguments asks the TPU metadata server (GCE) or reads the GKE
   environment for the workers of the slice;
@@ -51,10 +53,10 @@ def detect_mode(env: Mapping[str, str] | None = None, coordinator_address: str |
   env = os.environ if env is None else env
   if coordinator_address or env.get("JAX_COORDINATOR_ADDRESS"):
     return "explicit"
-  slurm_vars = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-  if all(v in env for v in slurm_vars) and ("SLURM_STEP_NODELIST" in env or "SLURM_NODELIST" in env):
-    if int(env["SLURM_NTASKS"]) > 1:
-      return "slurm"
+  # The variables jax's SlurmCluster reads; SLURM_STEP_NODELIST exists only inside an srun step.
+  slurm_vars = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+  if all(v in env for v in slurm_vars) and int(env["SLURM_NTASKS"]) > 1:
+    return "slurm"
   if tpu_present if tpu_present is not None else _tpu_vm_present(env):
     return "tpu"
   return "single"

@@ -96,7 +96,9 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run, single_
     ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_PROCID": "3", "SLURM_LOCALID": "3",
       "SLURM_STEP_NODELIST": "gpu[01-02]"}, None, False, "slurm"),
     ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-      "SLURM_NODELIST": "gpu01"}, None, False, "single"),
+      "SLURM_STEP_NODELIST": "gpu01"}, None, False, "single"),  # one task: nothing to coordinate
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_PROCID": "3", "SLURM_LOCALID": "3",
+      "SLURM_NODELIST": "gpu[01-02]"}, None, False, "single"),  # the batch script itself, outside srun
     ({"SLURM_JOB_ID": "7"}, None, False, "single"),  # an salloc shell, not an srun step
     ({"TPU_WORKER_HOSTNAMES": "t1,t2"}, None, None, "tpu"),
     ({}, None, True, "tpu"),
