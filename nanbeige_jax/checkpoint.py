@@ -15,7 +15,9 @@ A step is written into ``<step>.orbax-checkpoint-tmp`` and renamed to ``<step>``
 so a crash mid-save never leaves a directory that ``latest_step()`` reports; a stale tmp directory is replaced the
 next time that step is saved. Arrays are stored with their global shape, so a checkpoint written on one mesh
 restores onto any other mesh/sharding (or into host numpy arrays). Restore is strict: a target whose tree or
-shapes differ from what is stored is an error naming the first mismatching key path (dtype casts are allowed).
+shapes differ from what is stored is an error naming the first mismatching key path (dtype casts are allowed);
+``opt_state_target(tx, params_target)`` builds the optimizer-state target. Every failure to read a step raises
+``CheckpointError`` naming the path; ``verify_step`` is the cheap completeness check.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ ITEM_PARAMS = "params"
 ITEM_OPT_STATE = "opt_state"
 ITEM_DATA_STATE = "data_state"
 ITEM_METADATA = "metadata"
-JSON_FILENAME = "metadata"  # orbax's JsonCheckpointHandler default file name inside a JSON item directory
+JSON_FILENAME = "metadata"  # file name inside a JSON item directory
 TMP_SUFFIX = ocp.path.step.TMP_DIR_SUFFIX
 _VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
 
@@ -97,7 +99,8 @@ def check_model_config(metadata: dict, model_cfg) -> None:
 
 
 def _check_json(what: str, value: Any) -> None:
-  """JSON items must be dicts with string keys that json can serialise (int keys would silently become str)."""
+  """JSON items must be dicts with string keys that json can serialise (int keys would silently become str;
+  tuples come back as lists)."""
   if not isinstance(value, dict):
     raise ValueError(f"{what} must be a dict, found {type(value).__name__}")
 
@@ -264,7 +267,8 @@ class CheckpointManager:
         create=create, enable_async_checkpointing=async_save, preservation_policy=preservation,
         cleanup_tmp_directories=False)  # another process may be writing a tmp dir right now
     handlers = {ITEM_PARAMS: ocp.PyTreeCheckpointHandler(), ITEM_OPT_STATE: ocp.PyTreeCheckpointHandler(),
-                ITEM_DATA_STATE: ocp.JsonCheckpointHandler(), ITEM_METADATA: ocp.JsonCheckpointHandler()}
+                ITEM_DATA_STATE: ocp.JsonCheckpointHandler(filename=JSON_FILENAME),
+                ITEM_METADATA: ocp.JsonCheckpointHandler(filename=JSON_FILENAME)}
     try:
       self._manager = ocp.CheckpointManager(self._directory, item_handlers=handlers, options=options)
     except Exception as e:
@@ -328,6 +332,7 @@ class CheckpointManager:
     self.wait_until_finished()
     if step not in self.all_steps():
       raise CheckpointError(f"no committed checkpoint step {step} in {self._directory}; steps: {self.all_steps()}")
+    self._manager.reload()  # the step may have been written by another manager since this one was opened
     self._manager.delete(step)
 
   def close(self) -> None:
