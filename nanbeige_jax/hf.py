@@ -538,8 +538,6 @@ class ParityReport:
 def check_parity(hf_dir: str | os.PathLike, *, batch: int = 2, seq_len: int = 32, seed: int = 0) -> ParityReport:
   """Load ``hf_dir`` into transformers' LlamaForCausalLM (torch, fp32, CPU) and into our Decoder (fp32 params and
   compute), run the same random tokens through both, and compare the logits."""
-  import torch
-  import transformers
   if batch <= 0 or seq_len <= 0:
     raise ValueError(f"check_parity: batch and seq_len must be positive, found batch={batch}, seq_len={seq_len}")
   cfg, params = load_hf_params(hf_dir, param_dtype="float32", dtype="float32", scan_layers=True,
@@ -547,6 +545,8 @@ def check_parity(hf_dir: str | os.PathLike, *, batch: int = 2, seq_len: int = 32
   if seq_len > cfg.max_position_embeddings:
     raise ValueError(f"check_parity: seq_len={seq_len} exceeds max_position_embeddings="
                      f"{cfg.max_position_embeddings}")
+  import torch  # imported only once our side has loaded: a bad directory fails fast
+  import transformers
   tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq_len), dtype=np.int64)
   model = decoder_from_params(cfg, params)
   del params
@@ -558,7 +558,7 @@ def check_parity(hf_dir: str | os.PathLike, *, batch: int = 2, seq_len: int = 32
   with torch.no_grad():
     theirs = hf_model(torch.from_numpy(tokens)).logits.float().numpy()
   if theirs.shape != ours.shape:
-    raise AssertionError(f"logits shapes differ: ours {ours.shape}, transformers {theirs.shape}")
+    raise RuntimeError(f"logits shapes differ: ours {ours.shape}, transformers {theirs.shape}")
   return ParityReport(max_abs_diff=float(np.max(np.abs(ours - theirs))),
                       max_abs_logit=float(np.max(np.abs(theirs))),
                       argmax_agreement=float(np.mean(ours.argmax(-1) == theirs.argmax(-1))),
