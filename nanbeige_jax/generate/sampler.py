@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from nanbeige_jax.generate.sampling import SamplingConfig, choose_tokens
+from nanbeige_jax.generate.sampling import MAX_STOP_TOKENS, SamplingConfig, choose_tokens
 from nanbeige_jax.model import Decoder, KVCache
 from nanbeige_jax.sharding import (DEFAULT_RULES, Rules, logical_axes_tree, logical_to_spec, tree_shardings,
                                    use_mesh_rules)
@@ -117,14 +117,11 @@ class Sampler:
 
   # --- jitted pieces -----------------------------------------------------------------------------------------
   def _functions(self, batch: int, cache_len: int, sampling: SamplingConfig):
-    key = (batch, cache_len, sampling.greedy, sampling.top_k, sampling.top_p < 1, sampling.stop_token_ids,
-           sampling.max_new_tokens)
+    key = (batch, cache_len, sampling.max_new_tokens, sampling.truncates)
     if key in self._compiled:
       return self._compiled[key]
     graphdef, cfg = self.graphdef, self.cfg
-    choose = functools.partial(choose_tokens, greedy=sampling.greedy, top_k=sampling.top_k,
-                               use_top_p=sampling.top_p < 1)
-    stop_ids = sampling.stop_token_ids
+    choose = functools.partial(choose_tokens, truncate=sampling.truncates)
     max_new = sampling.max_new_tokens
     cache_sharding = self._sharding(_CACHE_AXES)
     seg_sharding = self._sharding(("batch", "cache_length"))
@@ -142,20 +139,19 @@ class Sampler:
     def init_cache(state):
       return constrain(nnx.merge(graphdef, state).init_cache(batch, cache_len))
 
-    def prefill(state, cache, tokens, segment_ids, positions, row_keys, temperature, top_p):
+    def prefill(state, cache, tokens, segment_ids, positions, row_keys, knobs):
       model = nnx.merge(graphdef, state)
       hidden, cache = model(tokens, positions, segment_ids, cache=cache, return_hidden=True)
       logits = model.logits(hidden[:, -1:])[:, 0]
-      tok, logp = choose(step_keys(row_keys, 0), logits, temperature, top_p)
+      tok, logp = choose(step_keys(row_keys, 0), logits, *knobs)
       return tok, logp, constrain(cache)
 
-    def is_stop(tok):
-      if not stop_ids:
-        return jnp.zeros(tok.shape, bool)
-      return jnp.isin(tok, jnp.asarray(stop_ids, jnp.int32))
-
-    def decode(state, cache, first_tok, first_logp, next_pos, row_keys, temperature, top_p):
+    def decode(state, cache, first_tok, first_logp, next_pos, row_keys, knobs, stop_ids):
       model = nnx.merge(graphdef, state)
+
+      def is_stop(tok):  # stop_ids: (MAX_STOP_TOKENS,) padded with -1
+        return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+
       b = first_tok.shape[0]
       out_tok = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(first_tok)
       out_logp = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(first_logp)
@@ -169,7 +165,7 @@ class Sampler:
         step, cache, prev, done, out_tok, out_logp = carry
         pos = (next_pos + step - 1)[:, None]
         logits, cache = model(prev[:, None], pos, ones, cache=cache)
-        tok, logp = choose(step_keys(row_keys, step), logits[:, 0], temperature, top_p)
+        tok, logp = choose(step_keys(row_keys, step), logits[:, 0], *knobs)
         tok = jnp.where(done, self.pad_id, tok)
         logp = jnp.where(done, 0.0, logp)
         out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, step))
@@ -231,16 +227,18 @@ class Sampler:
     next_pos = np.array([len(p) for p in filled], np.int32)
     row_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
     init_cache, prefill, decode = self._functions(batch, plen + max_new, sampling)
-    temperature = jnp.float32(sampling.temperature if not sampling.greedy else 1.0)
-    top_p = jnp.float32(sampling.top_p)
+    knobs = (jnp.float32(1.0 if sampling.greedy else sampling.temperature), jnp.float32(sampling.top_p),
+             jnp.int32(sampling.top_k), jnp.bool_(sampling.greedy))
+    stop_ids = np.full((MAX_STOP_TOKENS,), -1, np.int32)
+    stop_ids[:len(sampling.stop_token_ids)] = sampling.stop_token_ids
     ctx = use_mesh_rules(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
     with ctx:
       bt = ("batch", "length")
       cache = init_cache(self.state)
       first_tok, first_logp, cache = prefill(self.state, cache, self._put(tokens, bt), self._put(segments, bt),
-                                             self._put(positions, bt), row_keys, temperature, top_p)
+                                             self._put(positions, bt), row_keys, knobs)
       out_tok, out_logp, done, _ = decode(self.state, cache, first_tok, first_logp,
-                                          self._put(next_pos, ("batch",)), row_keys, temperature, top_p)
+                                          self._put(next_pos, ("batch",)), row_keys, knobs, jnp.asarray(stop_ids))
     out_tok, out_logp, done = (np.asarray(jax.device_get(x))[:n] for x in (out_tok, out_logp, done))
     lengths = np.full((n,), max_new, np.int32)
     reasons = []

@@ -17,6 +17,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+MAX_STOP_TOKENS = 16  # stop ids are a traced, fixed-size array: changing them does not recompile
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -42,6 +44,9 @@ class SamplingConfig:
     if not isinstance(self.stop_token_ids, tuple) or not all(
         isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
       raise ValueError(f"SamplingConfig.stop_token_ids: expected a tuple of ints, found {self.stop_token_ids!r}")
+    if len(self.stop_token_ids) > MAX_STOP_TOKENS:
+      raise ValueError(f"SamplingConfig.stop_token_ids: at most {MAX_STOP_TOKENS} stop tokens, found "
+                       f"{len(self.stop_token_ids)}")
     if self.greedy and (self.top_k or self.top_p < 1):
       raise ValueError("SamplingConfig: temperature=0 is greedy decoding; top_k/top_p would be ignored, "
                        f"found top_k={self.top_k}, top_p={self.top_p}")
@@ -49,6 +54,11 @@ class SamplingConfig:
   @property
   def greedy(self) -> bool:
     return self.temperature == 0
+
+  @property
+  def truncates(self) -> bool:
+    """Whether top-k/top-p apply (selects the compiled variant that sorts the logits every step)."""
+    return self.top_k > 0 or self.top_p < 1
 
   def replace(self, **changes) -> "SamplingConfig":
     return dataclasses.replace(self, **changes)
@@ -61,40 +71,37 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.top_k={self.top_k} exceeds the vocabulary size {vocab_size}")
 
 
-def truncate_logits(scaled: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array:
+def truncate_logits(scaled: jax.Array, top_k: int | jax.Array, top_p: float | jax.Array) -> jax.Array:
   """Set logits outside the top-k set and outside the top-p nucleus (of the top-k-renormalised distribution)
-  to -inf. ``scaled`` (B, V) are temperature-scaled logits; ``top_k`` is static (0 = off); ``top_p`` a traced
-  scalar or None (off). The most likely token is always kept."""
+  to -inf. ``scaled`` (B, V) are temperature-scaled logits; ``top_k`` (0 = off) and ``top_p`` (1 = off) may be
+  traced scalars, so changing them does not recompile. Ties at a threshold are kept; the most likely token is
+  always kept. Nucleus rule (as in transformers): keep tokens in descending order while the mass before them is
+  < top_p."""
   neg_inf = jnp.asarray(-jnp.inf, scaled.dtype)
-  if top_k:
-    kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
-    scaled = jnp.where(scaled >= kth, scaled, neg_inf)
-  if top_p is not None:
-    desc = -jnp.sort(-scaled, axis=-1)
-    probs = jax.nn.softmax(desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p
-    keep = keep.at[..., 0].set(True)
-    num_kept = jnp.sum(keep, axis=-1, keepdims=True)
-    threshold = jnp.take_along_axis(desc, num_kept - 1, axis=-1)
-    scaled = jnp.where(scaled >= threshold, scaled, neg_inf)
-  return scaled
+  desc = -jnp.sort(-scaled, axis=-1)
+  top_k = jnp.asarray(top_k, jnp.int32)
+  kth = jnp.where(top_k > 0, jnp.take(desc, jnp.maximum(top_k, 1) - 1, axis=-1)[..., None], neg_inf)
+  desc = jnp.where(desc >= kth, desc, neg_inf)
+  probs = jax.nn.softmax(desc, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = (mass_before < top_p) & (desc > neg_inf)
+  keep = keep.at[..., 0].set(True)
+  num_kept = jnp.sum(keep, axis=-1, keepdims=True)
+  threshold = jnp.take_along_axis(desc, num_kept - 1, axis=-1)
+  return jnp.where(scaled >= jnp.maximum(threshold, kth), scaled, neg_inf)
 
 
-def choose_tokens(row_keys: jax.Array, logits: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
-                  greedy: bool, top_k: int, use_top_p: bool) -> tuple[jax.Array, jax.Array]:
+def choose_tokens(row_keys: jax.Array, logits: jax.Array, temperature: jax.Array, top_p: jax.Array,
+                  top_k: jax.Array, greedy: jax.Array, *, truncate: bool) -> tuple[jax.Array, jax.Array]:
   """One decoding step. ``row_keys`` (B,) typed PRNG keys (one stream per sample, so a sample does not depend on
-  its batch-mates), ``logits`` (B, V) fp32. Returns (tokens (B,) int32, log-probs (B,) fp32) with the
-  log-prob convention of the module docstring."""
-  logits = logits.astype(jnp.float32)
-  if greedy:
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-  else:
-    scaled = logits / temperature
-    logp = jax.nn.log_softmax(scaled, axis=-1)
-    masked = truncate_logits(scaled, top_k, top_p if use_top_p else None)
-    tokens = jax.vmap(jax.random.categorical)(row_keys, masked).astype(jnp.int32)
+  its batch-mates), ``logits`` (B, V) fp32; ``temperature``/``top_p``/``top_k``/``greedy`` are traced scalars
+  (pass temperature 1 with greedy, see the module docstring); ``truncate`` (static) enables top-k/top-p.
+  Returns (tokens (B,) int32, log-probs (B,) fp32)."""
+  scaled = logits.astype(jnp.float32) / temperature
+  logp = jax.nn.log_softmax(scaled, axis=-1)
+  masked = truncate_logits(scaled, top_k, top_p) if truncate else scaled
+  sampled = jax.vmap(jax.random.categorical)(row_keys, masked)
+  tokens = jnp.where(greedy, jnp.argmax(scaled, axis=-1), sampled).astype(jnp.int32)
   return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
