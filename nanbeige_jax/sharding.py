@@ -176,8 +176,13 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, dcn_data: int =
   if len(devices) % num_slices:
     raise ValueError(f"mesh: {len(devices)} devices are not divisible into {num_slices} DCN slices {dcn}")
   ici = _resolve_sizes({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices) // num_slices, "mesh")
-  if num_slices > 1:
+  if num_slices > 1 and all(hasattr(d, "slice_index") for d in devices):
     arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+  elif num_slices > 1:
+    # Devices without slice information (CPU, single-slice GPU hosts): consecutive blocks of devices act as
+    # slices; each mesh axis is DCN-major (slice index outer, within-slice index inner), as in the hybrid mesh.
+    blocks = np.array(devices).reshape(dcn + ici)
+    arr = blocks.transpose(0, 3, 1, 4, 2, 5).reshape([a * b for a, b in zip(dcn, ici)])
   else:
     try:
       arr = mesh_utils.create_device_mesh(ici, devices=devices)
