@@ -344,3 +344,17 @@ def test_failed_conversion_leaves_no_output(untied, tmp_path, monkeypatch):
   assert "convert_hf: error: tensor model.layers.0.mlp.gate_proj.weight in model-" in result.stderr
   assert "expected shape (128, 64) (intermediate_size, hidden_size from config.json), found (96, 64)" in result.stderr
   assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".never")) == []
+
+
+def test_tolerated_extras_in_older_checkpoints(tied, tmp_path):
+  """Older exports carry rotary inv_freq buffers and a duplicate lm_head for tied models; both are accepted."""
+  model, src = tied
+  d, tensors = _single_file_copy(model, tmp_path, "older")
+  tensors["model.layers.1.self_attn.rotary_emb.inv_freq"] = np.ones((12,), np.float32)
+  tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+  _rewrite(d, tensors)
+  cfg, params = hf.load_hf_params(d)
+  _, reference = hf.load_hf_params(src)
+  assert cfg.tie_word_embeddings and "lm_head" not in params
+  for path in hf.native_shapes(cfg):
+    np.testing.assert_array_equal(hf._get_path(params, path), hf._get_path(reference, path))
