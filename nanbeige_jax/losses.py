@@ -1,0 +1,186 @@
+"""The loss core shared by every trainer (pre-training, SFT, DPD, RL): per-token log-probs, full-distribution KL,
+masks and reductions.
+
+Numerics: the output head runs as a chunked matmul over the vocabulary with fp32 accumulation
+(``preferred_element_type=float32``), log-sum-exp is computed online across chunks in fp32, and each chunk's body is
+rematerialised (``jax.checkpoint``) so neither the forward nor the backward pass ever holds a (B, T, V) array: the
+largest temporary is (B, T, vocab_chunk). V need not be a multiple of the chunk: the last chunk is read at offset
+V - chunk and the columns already covered by the previous chunk are masked to -inf.
+
+Normalisation: reductions return (sum, weight) pairs, never per-sequence or per-micro-batch means, so the trainer
+divides once by the true token count (sum of weights) of the whole global batch; that keeps the loss and its gradient
+invariant to gradient accumulation, data parallelism and packing.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NEG_INF = -jnp.inf
+
+
+def _chunking(vocab_size: int, vocab_chunk: int) -> tuple[int, int]:
+  if isinstance(vocab_chunk, bool) or not isinstance(vocab_chunk, (int, np.integer)) or vocab_chunk <= 0:
+    raise ValueError(f"vocab_chunk: expected a positive int, found {vocab_chunk!r}")
+  chunk = min(int(vocab_chunk), vocab_size)
+  return chunk, -(-vocab_size // chunk)
+
+
+def _chunk_logits(hidden: jax.Array, weight: jax.Array, index: jax.Array, chunk: int, vocab_size: int):
+  """fp32 logits of vocab columns [start, start + chunk) with start = min(index * chunk, V - chunk), the columns
+  below index * chunk (already seen by the previous chunk) set to -inf. Returns (logits, valid, start)."""
+  nominal = index * chunk
+  start = jnp.minimum(nominal, vocab_size - chunk)
+  weight_chunk = jax.lax.dynamic_slice_in_dim(weight, start, chunk, axis=1)
+  logits = jnp.einsum("btd,dc->btc", hidden, weight_chunk, preferred_element_type=jnp.float32)
+  valid = (start + jnp.arange(chunk)) >= nominal
+  return jnp.where(valid, logits, _NEG_INF), valid, start
+
+
+def _check_head(hidden: jax.Array, weight: jax.Array, name: str) -> None:
+  if hidden.ndim != 3 or weight.ndim != 2 or hidden.shape[-1] != weight.shape[0]:
+    raise ValueError(f"{name}: expected hidden (B, T, D) and head weight (D, V), found {hidden.shape} and "
+                     f"{weight.shape}")
+
+
+def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array, *, vocab_chunk: int = 8192,
+                   return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """log p(targets) (B, T) in fp32 from hidden (B, T, D) (any dtype) and the head (D, V), chunked over V.
+
+  With ``return_lse`` also returns the fp32 log-partition (B, T) (for z-loss). Targets outside [0, V) (e.g. an
+  ignore id) give finite values (-logsumexp) that must be masked out by the caller's weights."""
+  _check_head(hidden, head_weight, "token_logprobs")
+  if targets.shape != hidden.shape[:2]:
+    raise ValueError(f"token_logprobs: targets {targets.shape} must match hidden's (B, T) = {hidden.shape[:2]}")
+  vocab_size = head_weight.shape[1]
+  chunk, num_chunks = _chunking(vocab_size, vocab_chunk)
+  targets = targets.astype(jnp.int32)
+
+  @jax.checkpoint
+  def body(carry, index):
+    running_max, sum_exp, target_logit = carry
+    logits, _, start = _chunk_logits(hidden, head_weight, index, chunk, vocab_size)
+    new_max = jax.lax.stop_gradient(jnp.maximum(running_max, logits.max(axis=-1)))
+    sum_exp = sum_exp * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[..., None]).sum(axis=-1)
+    local = targets - start
+    in_chunk = (targets >= index * chunk) & (local < chunk)
+    picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[..., None], axis=-1)[..., 0]
+    target_logit = target_logit + jnp.where(in_chunk, picked, 0.0)
+    return (new_max, sum_exp, target_logit), None
+
+  shape = hidden.shape[:2]
+  init = (jnp.full(shape, _NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+  (running_max, sum_exp, target_logit), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+  lse = running_max + jnp.log(sum_exp)
+  logprobs = target_logit - lse
+  return (logprobs, lse) if return_lse else logprobs
+
+
+def chunked_kl(student_hidden: jax.Array, student_w: jax.Array, teacher_hidden: jax.Array, teacher_w: jax.Array, *,
+               vocab_chunk: int = 8192, temperature: float = 1.0) -> jax.Array:
+  """Per-token KL(teacher || student) (B, T) fp32 over the full vocabulary at ``temperature`` (both logits divided
+  by it; no T^2 factor), chunked over V in one pass with online log-sum-exp for both distributions:
+
+    KL = sum_v p_t(v) (a_v - b_v) - lse(a) + lse(b),   a = teacher logits / T, b = student logits / T.
+
+  Gradients flow to every input; stop the teacher's with ``jax.lax.stop_gradient`` at the call site."""
+  _check_head(student_hidden, student_w, "chunked_kl (student)")
+  _check_head(teacher_hidden, teacher_w, "chunked_kl (teacher)")
+  if student_hidden.shape[:2] != teacher_hidden.shape[:2] or student_w.shape[1] != teacher_w.shape[1]:
+    raise ValueError(f"chunked_kl: student/teacher disagree on (B, T) or V: hidden {student_hidden.shape} vs "
+                     f"{teacher_hidden.shape}, head {student_w.shape} vs {teacher_w.shape}")
+  if not temperature > 0:
+    raise ValueError(f"chunked_kl: temperature must be > 0, found {temperature!r}")
+  vocab_size = student_w.shape[1]
+  chunk, num_chunks = _chunking(vocab_size, vocab_chunk)
+  inv_temp = np.float32(1.0 / temperature)
+
+  @jax.checkpoint
+  def body(carry, index):
+    t_max, t_sum, cross, s_max, s_sum = carry
+    t_logits, valid, _ = _chunk_logits(teacher_hidden, teacher_w, index, chunk, vocab_size)
+    s_logits, _, _ = _chunk_logits(student_hidden, student_w, index, chunk, vocab_size)
+    t_logits, s_logits = t_logits * inv_temp, s_logits * inv_temp
+    new_t_max = jax.lax.stop_gradient(jnp.maximum(t_max, t_logits.max(axis=-1)))
+    new_s_max = jax.lax.stop_gradient(jnp.maximum(s_max, s_logits.max(axis=-1)))
+    t_rescale = jnp.exp(t_max - new_t_max)
+    t_exp = jnp.exp(t_logits - new_t_max[..., None])
+    # Masked columns hold -inf in both: take the difference on finite stand-ins so no nan reaches the gradient.
+    diff = jnp.where(valid, t_logits, 0.0) - jnp.where(valid, s_logits, 0.0)
+    cross = cross * t_rescale + (t_exp * diff).sum(axis=-1)
+    t_sum = t_sum * t_rescale + t_exp.sum(axis=-1)
+    s_sum = s_sum * jnp.exp(s_max - new_s_max) + jnp.exp(s_logits - new_s_max[..., None]).sum(axis=-1)
+    return (new_t_max, t_sum, cross, new_s_max, s_sum), None
+
+  shape = student_hidden.shape[:2]
+  neg, zero = jnp.full(shape, _NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32)
+  (t_max, t_sum, cross, s_max, s_sum), _ = jax.lax.scan(body, (neg, zero, zero, neg, zero), jnp.arange(num_chunks))
+  return cross / t_sum - (t_max + jnp.log(t_sum)) + (s_max + jnp.log(s_sum))
+
+
+def logprobs_from_logits(logits: jax.Array, targets: jax.Array, *, return_lse: bool = False
+                         ) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """log p(targets) (B, T) fp32 from materialised logits (B, T, V) (small models, tests, evaluation)."""
+  if logits.shape[:-1] != targets.shape:
+    raise ValueError(f"logprobs_from_logits: logits {logits.shape} and targets {targets.shape} disagree on (B, T)")
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  vocab_size = logits.shape[-1]
+  targets = targets.astype(jnp.int32)
+  picked = jnp.take_along_axis(logits, jnp.clip(targets, 0, vocab_size - 1)[..., None], axis=-1)[..., 0]
+  logprobs = jnp.where((targets >= 0) & (targets < vocab_size), picked, 0.0) - lse
+  return (logprobs, lse) if return_lse else logprobs
+
+
+def masked_sum(values: jax.Array, weights: jax.Array) -> jax.Array:
+  """sum(values * weights) in fp32; positions with weight 0 contribute exactly 0 even if their value is inf/nan."""
+  values = values.astype(jnp.float32)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(jnp.where(weights != 0, values * weights, 0.0))
+
+
+def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+  """masked_sum / sum(weights); 0 when all weights are 0. Local only: for training losses use the (sum, weight)
+  pairs and divide by the global weight."""
+  total = jnp.sum(weights.astype(jnp.float32))
+  return jnp.where(total > 0, masked_sum(values, weights) / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def cross_entropy(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array, weights: jax.Array, *,
+                  z_loss_weight: float = 0.0, vocab_chunk: int = 8192) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+  """Weighted next-token cross-entropy as a (loss_sum, weight_sum, aux) triple.
+
+  loss_sum = sum_t w_t * (-log p(target_t)) + z_loss_weight * sum_t w_t * lse_t^2, weight_sum = sum_t w_t. The
+  trainer divides the sum of loss_sum over micro-batches and devices by the sum of weight_sum (the true token count).
+  aux: per-token ``nll`` and ``lse`` (B, T) fp32 (for per-source reporting with ``per_group_sums``), and the two
+  summed terms ``nll_sum`` and ``z_loss_sum``."""
+  if weights.shape != targets.shape:
+    raise ValueError(f"cross_entropy: weights {weights.shape} must match targets {targets.shape}")
+  logprobs, lse = token_logprobs(hidden, head_weight, targets, vocab_chunk=vocab_chunk, return_lse=True)
+  nll = -logprobs
+  nll_sum = masked_sum(nll, weights)
+  z_loss_sum = masked_sum(jnp.square(lse), weights) * z_loss_weight if z_loss_weight else jnp.zeros((), jnp.float32)
+  weight_sum = jnp.sum(weights.astype(jnp.float32))
+  aux = {"nll": nll, "lse": lse, "nll_sum": nll_sum, "z_loss_sum": z_loss_sum}
+  return nll_sum + z_loss_sum, weight_sum, aux
+
+
+def per_group_sums(values: jax.Array, weights: jax.Array, group_ids: jax.Array, num_groups: int
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Per-group (sum of w * value, sum of w), each (num_groups,) fp32, e.g. the loss per data source. Tokens whose
+  group id is outside [0, num_groups) are dropped."""
+  if not (values.shape == weights.shape == group_ids.shape):
+    raise ValueError(f"per_group_sums: values {values.shape}, weights {weights.shape} and group_ids "
+                     f"{group_ids.shape} must have the same shape")
+  weights = weights.astype(jnp.float32)
+  group_ids = group_ids.astype(jnp.int32).reshape(-1)
+  in_range = (group_ids >= 0) & (group_ids < num_groups)
+  weights = jnp.where(in_range, weights.reshape(-1), 0.0)
+  contrib = jnp.where(weights != 0, values.astype(jnp.float32).reshape(-1) * weights, 0.0)
+  ids = jnp.where(in_range, group_ids, 0)
+  sums = jax.ops.segment_sum(contrib, ids, num_segments=num_groups)
+  counts = jax.ops.segment_sum(weights, ids, num_segments=num_groups)
+  return sums, counts
