@@ -65,7 +65,6 @@ def _check_row_invariants(batch, eos_id):
       assert (positions[row, t] == 0) == new_segment
       if not new_segment:
         assert positions[row, t] == positions[row, t - 1] + 1
-        assert segments[row, t] == segments[row, t - 1] + 0
       else:
         assert t == 0 or segments[row, t] == segments[row, t - 1] + 1
       if t + 1 < inputs.shape[1] and segments[row, t + 1] == segments[row, t] and weights[row, t] == 1:
