@@ -32,6 +32,7 @@ flags.DEFINE_integer("vocab_chunk", 8192, "Vocabulary chunk of the cross-entropy
 flags.DEFINE_string("sharding", "fsdp", "Sharding gin file under configs/sharding/ (fsdp, fsdp_tp, dp, tp).")
 flags.DEFINE_multi_string("gin_file", [], "Extra gin files (after --sharding).")
 flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. 'ShardingConfig.tensor = 2'.")
+flags.DEFINE_float("hbm_gib", None, "Override the chip's HBM in GiB (e.g. to keep a reserve).", lower_bound=0)
 flags.DEFINE_boolean("find_max_batch", False, "Search the largest global batch that fits.")
 flags.DEFINE_boolean("print_sharding", False, "Print the resolved-sharding report first.")
 
@@ -40,7 +41,8 @@ def _compile(cfg, sharding, batch):
   from nanbeige_jax import aot
   return aot.compile_for_topology(cfg, FLAGS.topology, global_batch=batch, seq_len=FLAGS.seq_len,
                                   sharding=sharding, microbatches=FLAGS.microbatches, vocab_chunk=FLAGS.vocab_chunk,
-                                  devices=_devices())
+                                  devices=_devices(),
+                                  hbm_per_chip=None if FLAGS.hbm_gib is None else int(FLAGS.hbm_gib * 2**30))
 
 
 _DEVICES: list = []

@@ -150,11 +150,14 @@ class AotResult:
 
 def compile_for_topology(model_cfg: ModelConfig, topology: str | TopologySpec, *, global_batch: int, seq_len: int,
                          sharding: ShardingConfig | None = None, microbatches: int = 1, vocab_chunk: int = 8192,
-                         devices: list[Any] | None = None) -> AotResult:
+                         devices: list[Any] | None = None, hbm_per_chip: int | None = None) -> AotResult:
   """Lower and compile the full train step (forward, backward, AdamW update) for ``topology``; nothing is
-  allocated. ``devices`` overrides the topology's device list (tests pass one to reuse it)."""
+  allocated. ``devices`` overrides the topology's device list (to reuse one); ``hbm_per_chip`` the chip's HBM
+  (e.g. to keep a reserve)."""
   import time
   spec = get_topology(topology) if isinstance(topology, str) else topology
+  if hbm_per_chip is not None:
+    spec = dataclasses.replace(spec, hbm_per_chip=int(hbm_per_chip))
   devices = devices if devices is not None else topology_devices(spec)
   sharding = sharding or ShardingConfig(rules="fsdp")
   if global_batch % microbatches:
