@@ -5,7 +5,9 @@ so an unknown or mistyped parameter (gin) and a contradictory value (dataclass) 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 from typing import Any, Sequence
 
@@ -42,10 +44,28 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
     gin.add_config_file_search_path(os.path.dirname(os.path.abspath(p)))
   gin.add_config_file_search_path(CONFIG_DIR)
   try:
-    gin.parse_config_files_and_bindings(paths, list(bindings), finalize_config=False)
+    with _quiet_gin_search():
+      gin.parse_config_files_and_bindings(paths, list(bindings), finalize_config=False)
   except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
     msg = " ".join(str(e).split())
     raise ConfigError(f"bad gin configuration: {msg}") from None
+
+
+class _DropPathNotFound(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Path not found")
+
+
+@contextlib.contextmanager
+def _quiet_gin_search():
+  """gin logs an ERROR for every search-path prefix an ``include`` is not under before it finds the file."""
+  root = logging.getLogger()
+  f = _DropPathNotFound()
+  root.addFilter(f)
+  try:
+    yield
+  finally:
+    root.removeFilter(f)
 
 
 def build(cls: type) -> Any:

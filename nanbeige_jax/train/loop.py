@@ -22,22 +22,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nanbeige_jax.model import Decoder, ModelConfig, abstract_model
+from nanbeige_jax.optim.optimizer import set_learning_rate
 from nanbeige_jax.sharding import (DEFAULT_RULES, Rules, logical_axes_tree, logical_to_spec, tree_shardings,
                                    use_mesh_rules, with_logical_constraint)
 from nanbeige_jax.train.state import TrainState
 
 LossFn = Callable[[Decoder, dict[str, jax.Array], jax.Array], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
-
-
-def set_learning_rate(opt_state: Any, lr: jax.Array) -> Any:
-  """Set every ``learning_rate`` hyperparameter of an ``optax.inject_hyperparams`` state in the chain."""
-  def fix(node):
-    if isinstance(node, optax.InjectHyperparamsState) and "learning_rate" in node.hyperparams:
-      hp = dict(node.hyperparams)
-      hp["learning_rate"] = jnp.asarray(lr, dtype=jnp.asarray(hp["learning_rate"]).dtype)
-      return node._replace(hyperparams=hp)
-    return node
-  return jax.tree.map(fix, opt_state, is_leaf=lambda n: isinstance(n, optax.InjectHyperparamsState))
 
 
 class Trainer:

@@ -1,0 +1,56 @@
+"""Pre-train a Nanbeige4-style model with the FG-WSD schedule.
+
+  python launch/pretrain.py                                   # tiny model, built-in offline corpus, CPU-friendly
+  python launch/pretrain.py --gin_file pretrain/nanbeige4_3b.gin --workdir gs://... --gin_param PretrainConfig.seed=1
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+from nanbeige_jax import distributed  # noqa: E402
+from nanbeige_jax.config import ConfigError, build, parse_gin  # noqa: E402
+
+flags.DEFINE_multi_string("gin_file", ["pretrain/tiny.gin"], "Gin files (relative to configs/ or a path).")
+flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. PretrainConfig.global_batch_size=32.")
+flags.DEFINE_string("workdir", "runs/pretrain_tiny", "Run directory: checkpoints, metrics, tokenizer, plot.")
+flags.DEFINE_bool("fresh", False, "Start over even if the workdir holds checkpoints (they are moved aside).")
+flags.DEFINE_integer("max_steps", None, "Stop after this many steps in total (smoke runs).")
+distributed.define_flags()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  distributed.initialize_from_flags()
+  from nanbeige_jax.train.pretrain import PretrainConfig, TrainingStopped, run_pretrain
+  import gin
+  bindings = list(FLAGS.gin_param)
+  if FLAGS.max_steps is not None:
+    bindings.append(f"PretrainConfig.max_steps = {FLAGS.max_steps}")
+  try:
+    parse_gin(FLAGS.gin_file, bindings)
+    cfg = build(PretrainConfig)
+    summary = run_pretrain(cfg, FLAGS.workdir, fresh=FLAGS.fresh, operative_config=gin.config_str())
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
+  except TrainingStopped as e:
+    sys.exit(f"stopped: {e}")
+  except ValueError as e:
+    sys.exit(f"error: {' '.join(str(e).split())}")
+  first, last = summary.get("first_loss"), summary.get("last_loss")
+  msg = f"done: step {summary['final_step']}/{summary['total_steps']}"
+  if first and last:
+    msg += f", loss {first:.3f} -> {last:.3f} ({(1 - last / first):.0%} lower)"
+  if summary.get("eval_loss") is not None:
+    msg += f", eval loss {summary['eval_loss']:.3f}"
+  if summary.get("stopped"):
+    msg += f" [{summary['stopped']}]"
+  print(msg + f"; workdir {FLAGS.workdir}")
+
+
+if __name__ == "__main__":
+  app.run(main)
