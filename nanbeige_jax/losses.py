@@ -4,8 +4,13 @@ masks and reductions.
 Numerics: the output head runs as a chunked matmul over the vocabulary with fp32 accumulation
 (``preferred_element_type=float32``), log-sum-exp is computed online across chunks in fp32, and each chunk's body is
 rematerialised (``jax.checkpoint``) so neither the forward nor the backward pass ever holds a (B, T, V) array: the
-largest temporary is (B, T, vocab_chunk). V need not be a multiple of the chunk: the last chunk is read at offset
-V - chunk and the columns already covered by the previous chunk are masked to -inf.
+largest temporary is (B, T, chunk), chunk <= vocab_chunk.
+
+Chunk layout: n chunks of c columns, chunk i = vocab ids {i, i + n, i + 2n, ...} (a reshape (D, c, n) of the head,
+moved to (n, D, c): one copy of the head, sharded like it). Strided chunks keep a head sharded over V ("tensor"
+axis) local: every device computes its own columns of every chunk, and only (B, T) statistics are reduced across
+devices. n is chosen as a divisor of V when one gives chunks at least half of vocab_chunk (166144 = 22 x 7552 for
+Nanbeige4 at 8192); otherwise V is zero-padded to n * c and the padding columns are masked to -inf.
 
 Normalisation: reductions return (sum, weight) pairs, never per-sequence or per-micro-batch means, so the trainer
 divides once by the true token count (sum of weights) of the whole global batch; that keeps the loss and its gradient
@@ -23,21 +28,33 @@ _NEG_INF = -jnp.inf
 
 
 def _chunking(vocab_size: int, vocab_chunk: int) -> tuple[int, int]:
+  """(num_chunks, chunk_size) with num_chunks * chunk_size >= V and chunk_size <= vocab_chunk. Prefers a divisor
+  of V (no padding, so a vocab-sharded head keeps its layout) unless that makes chunks less than half as big."""
   if isinstance(vocab_chunk, bool) or not isinstance(vocab_chunk, (int, np.integer)) or vocab_chunk <= 0:
     raise ValueError(f"vocab_chunk: expected a positive int, found {vocab_chunk!r}")
-  chunk = min(int(vocab_chunk), vocab_size)
-  return chunk, -(-vocab_size // chunk)
+  min_chunks = -(-vocab_size // int(vocab_chunk))
+  for num_chunks in range(min_chunks, 2 * min_chunks + 1):
+    if vocab_size % num_chunks == 0:
+      return num_chunks, vocab_size // num_chunks
+  return min_chunks, -(-vocab_size // min_chunks)
 
 
-def _chunk_logits(hidden: jax.Array, weight: jax.Array, index: jax.Array, chunk: int, vocab_size: int):
-  """fp32 logits of vocab columns [start, start + chunk) with start = min(index * chunk, V - chunk), the columns
-  below index * chunk (already seen by the previous chunk) set to -inf. Returns (logits, valid, start)."""
-  nominal = index * chunk
-  start = jnp.minimum(nominal, vocab_size - chunk)
-  weight_chunk = jax.lax.dynamic_slice_in_dim(weight, start, chunk, axis=1)
+def _strided_chunks(weight: jax.Array, num_chunks: int, chunk: int) -> jax.Array:
+  """(D, V) -> (num_chunks, D, chunk) where chunk i holds vocab columns i, i + n, i + 2n, ... (n = num_chunks),
+  zero-padded past V. Strided (not contiguous) chunks keep a head sharded over V local to its devices: each shard
+  contributes its own columns to every chunk, so no device ever gathers the full head."""
+  pad = num_chunks * chunk - weight.shape[1]
+  if pad:
+    weight = jnp.pad(weight, ((0, 0), (0, pad)))
+  return jnp.moveaxis(weight.reshape(weight.shape[0], chunk, num_chunks), 2, 0)
+
+
+def _chunk_logits(hidden: jax.Array, weight_chunk: jax.Array, index: jax.Array, num_chunks: int, vocab_size: int):
+  """fp32 logits (B, T, chunk) of chunk ``index`` (vocab ids index + k * num_chunks), padding columns at -inf.
+  Returns (logits, valid)."""
   logits = jnp.einsum("btd,dc->btc", hidden, weight_chunk, preferred_element_type=jnp.float32)
-  valid = (start + jnp.arange(chunk)) >= nominal
-  return jnp.where(valid, logits, _NEG_INF), valid, start
+  valid = (jnp.arange(weight_chunk.shape[1]) * num_chunks + index) < vocab_size
+  return jnp.where(valid, logits, _NEG_INF), valid
 
 
 def _check_head(hidden: jax.Array, weight: jax.Array, name: str) -> None:
@@ -56,24 +73,26 @@ def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array
   if targets.shape != hidden.shape[:2]:
     raise ValueError(f"token_logprobs: targets {targets.shape} must match hidden's (B, T) = {hidden.shape[:2]}")
   vocab_size = head_weight.shape[1]
-  chunk, num_chunks = _chunking(vocab_size, vocab_chunk)
+  num_chunks, chunk = _chunking(vocab_size, vocab_chunk)
   targets = targets.astype(jnp.int32)
+  target_chunk = jnp.where((targets >= 0) & (targets < vocab_size), targets % num_chunks, -1)
+  target_slot = targets // num_chunks
 
   @jax.checkpoint
-  def body(carry, index):
+  def body(carry, xs):
     running_max, sum_exp, target_logit = carry
-    logits, _, start = _chunk_logits(hidden, head_weight, index, chunk, vocab_size)
+    index, weight_chunk = xs
+    logits, _ = _chunk_logits(hidden, weight_chunk, index, num_chunks, vocab_size)
     new_max = jax.lax.stop_gradient(jnp.maximum(running_max, logits.max(axis=-1)))
     sum_exp = sum_exp * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[..., None]).sum(axis=-1)
-    local = targets - start
-    in_chunk = (targets >= index * chunk) & (local < chunk)
-    picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[..., None], axis=-1)[..., 0]
-    target_logit = target_logit + jnp.where(in_chunk, picked, 0.0)
+    picked = jnp.take_along_axis(logits, jnp.clip(target_slot, 0, chunk - 1)[..., None], axis=-1)[..., 0]
+    target_logit = target_logit + jnp.where(target_chunk == index, picked, 0.0)
     return (new_max, sum_exp, target_logit), None
 
   shape = hidden.shape[:2]
   init = (jnp.full(shape, _NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
-  (running_max, sum_exp, target_logit), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+  xs = (jnp.arange(num_chunks), _strided_chunks(head_weight, num_chunks, chunk))
+  (running_max, sum_exp, target_logit), _ = jax.lax.scan(body, init, xs)
   lse = running_max + jnp.log(sum_exp)
   logprobs = target_logit - lse
   return (logprobs, lse) if return_lse else logprobs
@@ -95,20 +114,21 @@ def chunked_kl(student_hidden: jax.Array, student_w: jax.Array, teacher_hidden: 
   if not temperature > 0:
     raise ValueError(f"chunked_kl: temperature must be > 0, found {temperature!r}")
   vocab_size = student_w.shape[1]
-  chunk, num_chunks = _chunking(vocab_size, vocab_chunk)
+  num_chunks, chunk = _chunking(vocab_size, vocab_chunk)
   inv_temp = np.float32(1.0 / temperature)
 
   @jax.checkpoint
-  def body(carry, index):
+  def body(carry, xs):
     t_max, t_sum, cross, s_max, s_sum = carry
-    t_logits, valid, _ = _chunk_logits(teacher_hidden, teacher_w, index, chunk, vocab_size)
-    s_logits, _, _ = _chunk_logits(student_hidden, student_w, index, chunk, vocab_size)
+    index, t_weight, s_weight = xs
+    t_logits, valid = _chunk_logits(teacher_hidden, t_weight, index, num_chunks, vocab_size)
+    s_logits, _ = _chunk_logits(student_hidden, s_weight, index, num_chunks, vocab_size)
     t_logits, s_logits = t_logits * inv_temp, s_logits * inv_temp
     new_t_max = jax.lax.stop_gradient(jnp.maximum(t_max, t_logits.max(axis=-1)))
     new_s_max = jax.lax.stop_gradient(jnp.maximum(s_max, s_logits.max(axis=-1)))
     t_rescale = jnp.exp(t_max - new_t_max)
     t_exp = jnp.exp(t_logits - new_t_max[..., None])
-    # Masked columns hold -inf in both: take the difference on finite stand-ins so no nan reaches the gradient.
+    # Padding columns hold -inf in both: take the difference on finite stand-ins so no nan reaches the gradient.
     diff = jnp.where(valid, t_logits, 0.0) - jnp.where(valid, s_logits, 0.0)
     cross = cross * t_rescale + (t_exp * diff).sum(axis=-1)
     t_sum = t_sum * t_rescale + t_exp.sum(axis=-1)
@@ -117,7 +137,9 @@ def chunked_kl(student_hidden: jax.Array, student_w: jax.Array, teacher_hidden: 
 
   shape = student_hidden.shape[:2]
   neg, zero = jnp.full(shape, _NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32)
-  (t_max, t_sum, cross, s_max, s_sum), _ = jax.lax.scan(body, (neg, zero, zero, neg, zero), jnp.arange(num_chunks))
+  xs = (jnp.arange(num_chunks), _strided_chunks(teacher_w, num_chunks, chunk),
+        _strided_chunks(student_w, num_chunks, chunk))
+  (t_max, t_sum, cross, s_max, s_sum), _ = jax.lax.scan(body, (neg, zero, zero, neg, zero), xs)
   return cross / t_sum - (t_max + jnp.log(t_sum)) + (s_max + jnp.log(s_sum))
 
 

@@ -1,9 +1,12 @@
 """Loss core: chunked log-probs and KL against dense references (values and gradients), z-loss, reductions and
 normalisation by the true token count."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nanbeige_jax import losses
 
@@ -68,6 +71,44 @@ def test_token_logprobs_match_dense_values_and_grads(data, chunk):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_token_logprobs_divisor_chunking_matches_dense():
+  """V = 48 with vocab_chunk 10: six unpadded chunks of 8 (the divisor path; V = 37 above exercises padding)."""
+  k = jax.random.split(jax.random.PRNGKey(1), 3)
+  h, w = jax.random.normal(k[0], (B, T, D)), jax.random.normal(k[1], (D, 48))
+  y = jax.random.randint(k[2], (B, T), 0, 48)
+  assert losses._chunking(48, 10) == (6, 8)
+  got, lse = jax.jit(lambda h, w: losses.token_logprobs(h, w, y, vocab_chunk=10, return_lse=True))(h, w)
+  want, want_lse = dense_logprobs(h, w, y)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+  g_got = jax.jit(jax.grad(lambda w: losses.token_logprobs(h, w, y, vocab_chunk=10).sum()))(w)
+  g_want = jax.grad(lambda w: dense_logprobs(h, w, y)[0].sum())(w)
+  np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-5)
+
+
+def test_vocab_sharded_head_is_never_gathered():
+  """Head sharded over V on a 'tensor' axis of 4 devices: chunks are strided, so the compiled forward+backward has
+  no all-gather of the (D, V) head, and the result equals the single-device one."""
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "tensor"))
+  b, t, d, v = 4, 8, 16, 1024
+  k = jax.random.split(jax.random.PRNGKey(2), 3)
+  h, w = jax.random.normal(k[0], (b, t, d)), jax.random.normal(k[1], (d, v)) * 0.3
+  y = jax.random.randint(k[2], (b, t), 0, v)
+  h_s = jax.device_put(h, NamedSharding(mesh, P("data")))
+  w_s = jax.device_put(w, NamedSharding(mesh, P(None, "tensor")))
+  y_s = jax.device_put(y, NamedSharding(mesh, P("data")))
+  fn = jax.jit(jax.value_and_grad(lambda h, w, y: losses.token_logprobs(h, w, y, vocab_chunk=128).sum(),
+                                  argnums=(0, 1)))
+  hlo = fn.lower(h_s, w_s, y_s).compile().as_text()
+  assert not re.search(rf"f32\[{d},{v}\][^\n]*all-gather\(", hlo)
+  assert not re.search(rf"f32\[{d},\d+,\d+\][^\n]*all-gather\(", hlo)
+  value, (g_h, g_w) = fn(h_s, w_s, y_s)
+  want_value, (want_h, want_w) = jax.value_and_grad(lambda h, w: dense_logprobs(h, w, y)[0].sum(), argnums=(0, 1))(h, w)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  np.testing.assert_allclose(g_h, want_h, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g_w, want_w, rtol=1e-5, atol=1e-5)
+
+
 def test_token_logprobs_bf16_inputs_give_fp32(data):
   h, w, y = data["hidden"].astype(jnp.bfloat16), data["weight"].astype(jnp.bfloat16), data["targets"]
   got = jax.jit(lambda h, w: losses.token_logprobs(h, w, y, vocab_chunk=16))(h, w)
@@ -78,7 +119,7 @@ def test_token_logprobs_bf16_inputs_give_fp32(data):
 
 def test_token_logprobs_never_materialises_full_vocab_in_backward():
   """Large V and tiny chunk: no (B, T, V)-sized buffer appears in the compiled forward+backward."""
-  b, t, d, v, chunk = 1, 64, 8, 4096, 256
+  b, t, d, v, chunk = 1, 128, 8, 4096, 256
   h = jnp.ones((b, t, d), jnp.float32)
   w = jnp.ones((d, v), jnp.float32)
   y = jnp.zeros((b, t), jnp.int32)
