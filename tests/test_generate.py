@@ -204,3 +204,15 @@ def test_bad_input_fails_before_compiling(sampler):
     with pytest.raises(ValueError, match="SamplingConfig"):
       SamplingConfig(**bad)
   assert sampler._compiled == compiled
+
+
+def test_vocab_limit_forbids_padding_ids_without_changing_logprobs():
+  logits = jnp.asarray([[0.0, 1.0, 2.0, 5.0, 6.0]] * 500, jnp.float32)
+  keys = jax.random.split(jax.random.key(1), 500)
+  for greedy in (True, False):
+    choose = jax.jit(functools.partial(choose_tokens, truncate=False, vocab_limit=3))
+    tokens, logp = choose(keys, logits, jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0), jnp.bool_(greedy))
+    assert int(jnp.max(tokens)) <= 2
+    full = jax.nn.log_softmax(logits[0])
+    np.testing.assert_allclose(np.asarray(logp), np.asarray(full[tokens]), rtol=1e-6)
+  assert int(tokens.min()) < 2 and np.all(np.asarray(tokens) <= 2)  # sampled, not only the argmax

@@ -77,11 +77,14 @@ class Sampler:
 
   ``max_cache_length`` bounds prompt + generated tokens (default: the model's ``max_position_embeddings``);
   ``prompt_bucket`` rounds the padded prompt length up to limit recompilation; ``mesh``/``rules`` shard the
-  computation like training does.
+  computation like training does; ``rope_theta`` overrides the config's RoPE base (a checkpoint taken after a
+  RoPE base change, ABF); ``vocab_limit`` (the tokenizer's size) keeps the padding ids of a larger model
+  vocabulary from ever being sampled (they do not enter the reported log-probs' definition).
   """
 
   def __init__(self, model: Decoder, *, pad_id: int = 0, max_cache_length: int | None = None,
-               prompt_bucket: int = 16, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES):
+               prompt_bucket: int = 16, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+               rope_theta: float | None = None, vocab_limit: int | None = None):
     self.cfg = model.cfg
     if not 0 <= pad_id < self.cfg.vocab_size:
       raise ValueError(f"Sampler.pad_id={pad_id} is outside the model vocabulary [0, {self.cfg.vocab_size})")
@@ -90,6 +93,10 @@ class Sampler:
     self.pad_id = pad_id
     self.max_cache_length = max_cache_length or self.cfg.max_position_embeddings
     self.prompt_bucket = prompt_bucket
+    self.rope_theta = rope_theta
+    if vocab_limit is not None and not 0 < vocab_limit <= self.cfg.vocab_size:
+      raise ValueError(f"Sampler.vocab_limit={vocab_limit} must lie in (0, {self.cfg.vocab_size}]")
+    self.vocab_limit = vocab_limit
     self.mesh, self.rules = mesh, tuple(rules)
     self.graphdef, state = nnx.split(model)
     if mesh is not None:
@@ -120,8 +127,8 @@ class Sampler:
     key = (batch, cache_len, sampling.max_new_tokens, sampling.truncates)
     if key in self._compiled:
       return self._compiled[key]
-    graphdef, cfg = self.graphdef, self.cfg
-    choose = functools.partial(choose_tokens, truncate=sampling.truncates)
+    graphdef, theta = self.graphdef, self.rope_theta
+    choose = functools.partial(choose_tokens, truncate=sampling.truncates, vocab_limit=self.vocab_limit)
     max_new = sampling.max_new_tokens
     cache_sharding = self._sharding(_CACHE_AXES)
     seg_sharding = self._sharding(("batch", "cache_length"))
@@ -141,7 +148,7 @@ class Sampler:
 
     def prefill(state, cache, tokens, segment_ids, positions, row_keys, knobs):
       model = nnx.merge(graphdef, state)
-      hidden, cache = model(tokens, positions, segment_ids, cache=cache, return_hidden=True)
+      hidden, cache = model(tokens, positions, segment_ids, cache=cache, return_hidden=True, rope_theta=theta)
       logits = model.logits(hidden[:, -1:])[:, 0]
       tok, logp = choose(step_keys(row_keys, 0), logits, *knobs)
       return tok, logp, constrain(cache)
@@ -164,7 +171,7 @@ class Sampler:
       def body(carry):
         step, cache, prev, done, out_tok, out_logp = carry
         pos = (next_pos + step - 1)[:, None]
-        logits, cache = model(prev[:, None], pos, ones, cache=cache)
+        logits, cache = model(prev[:, None], pos, ones, cache=cache, rope_theta=theta)
         tok, logp = choose(step_keys(row_keys, step), logits[:, 0], *knobs)
         tok = jnp.where(done, self.pad_id, tok)
         logp = jnp.where(done, 0.0, logp)
@@ -185,7 +192,7 @@ class Sampler:
     """Validate before anything compiles; returns the longest prompt length."""
     if not isinstance(sampling, SamplingConfig):
       raise TypeError(f"sampling: expected a SamplingConfig, found {type(sampling).__name__}")
-    sampling.check_vocab(self.cfg.vocab_size)
+    sampling.check_vocab(self.vocab_limit or self.cfg.vocab_size)
     if len(prompts) == 0:
       raise ValueError("generate: no prompts given")
     longest = 0

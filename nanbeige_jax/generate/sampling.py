@@ -92,16 +92,22 @@ def truncate_logits(scaled: jax.Array, top_k: int | jax.Array, top_p: float | ja
 
 
 def choose_tokens(row_keys: jax.Array, logits: jax.Array, temperature: jax.Array, top_p: jax.Array,
-                  top_k: jax.Array, greedy: jax.Array, *, truncate: bool) -> tuple[jax.Array, jax.Array]:
+                  top_k: jax.Array, greedy: jax.Array, *, truncate: bool, vocab_limit: int | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
   """One decoding step. ``row_keys`` (B,) typed PRNG keys (one stream per sample, so a sample does not depend on
   its batch-mates), ``logits`` (B, V) fp32; ``temperature``/``top_p``/``top_k``/``greedy`` are traced scalars
-  (pass temperature 1 with greedy, see the module docstring); ``truncate`` (static) enables top-k/top-p.
-  Returns (tokens (B,) int32, log-probs (B,) fp32)."""
+  (pass temperature 1 with greedy, see the module docstring); ``truncate`` (static) enables top-k/top-p;
+  ``vocab_limit`` (static) forbids ids >= it (the padding rows of a model vocabulary larger than the tokenizer's):
+  like truncation it restricts the draw, not the reported log-probs. Returns (tokens (B,) int32, log-probs (B,)
+  fp32)."""
   scaled = logits.astype(jnp.float32) / temperature
   logp = jax.nn.log_softmax(scaled, axis=-1)
-  masked = truncate_logits(scaled, top_k, top_p) if truncate else scaled
+  drawable = scaled
+  if vocab_limit is not None and vocab_limit < scaled.shape[-1]:
+    drawable = jnp.where(jnp.arange(scaled.shape[-1]) < vocab_limit, scaled, -jnp.inf)
+  masked = truncate_logits(drawable, top_k, top_p) if truncate else drawable
   sampled = jax.vmap(jax.random.categorical)(row_keys, masked)
-  tokens = jnp.where(greedy, jnp.argmax(scaled, axis=-1), sampled).astype(jnp.int32)
+  tokens = jnp.where(greedy, jnp.argmax(drawable, axis=-1), sampled).astype(jnp.int32)
   return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 

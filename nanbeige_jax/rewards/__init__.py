@@ -1,0 +1,1 @@
+"""Verifiable rewards: answer checking for generated completions."""
