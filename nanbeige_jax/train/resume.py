@@ -1,0 +1,166 @@
+"""Fault-tolerant resume: pick the newest checkpoint that actually restores, keep a good one through pruning.
+
+* ``check_workdir`` (read-only, before anything is written): the newest checkpoint whose metadata is readable must
+  come from the same model architecture and tokenizer, otherwise the run refuses to resume (``--fresh`` starts
+  over); a checkpoint directory in which no step is readable at all is a clear error naming each step's path.
+* ``restore_with_fallback``: restore the newest committed step; when it is corrupt or truncated (orbax reports a
+  failed read, or its metadata/data-state JSON is unreadable) warn with its path, move it aside into
+  ``<workdir>/checkpoints.corrupt/`` (so the run can save that step number again) and try the previous one. When no
+  step restores, stop with an error listing every step's path and failure.
+* ``prune_checkpoints``: keep-last-N done by the trainer rather than orbax, so that the newest step that passes
+  ``verify_step`` is never deleted, whatever the newer steps look like; steps that fail verification are moved aside.
+* ``truncate_metrics``: on resume, drop metric rows written after the restored step (the killed run logged steps
+  that the resumed run redoes), atomically (write a temporary file, then ``os.replace``).
+
+A step still being written (``<step>.orbax-checkpoint-tmp*``) is never listed by the checkpoint layer, so a process
+killed mid-save leaves nothing a restart would pick up.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+from nanbeige_jax import checkpoint as ckpt_lib
+from nanbeige_jax.config import ConfigError
+
+log = logging.getLogger("nanbeige_jax.resume")
+
+CORRUPT_DIRNAME = "checkpoints.corrupt"
+
+
+class ResumeError(ConfigError):
+  """The workdir cannot be resumed (no readable checkpoint, or one from a different model/tokenizer)."""
+
+
+def _one_line(err: BaseException) -> str:
+  return " ".join(str(err).split())
+
+
+def quarantine_step(manager: ckpt_lib.CheckpointManager, step: int, reason: str) -> pathlib.Path:
+  """Move ``<ckpt_dir>/<step>`` to ``<ckpt_dir>/../checkpoints.corrupt/<step>.<unix time>`` (outside the directory
+  orbax scans) and return the new path. The caller must reopen its CheckpointManager afterwards."""
+  source = manager.step_dir(step)
+  aside_root = manager.directory.parent / CORRUPT_DIRNAME
+  aside_root.mkdir(parents=True, exist_ok=True)
+  target = aside_root / f"{step}.{int(time.time() * 1000)}"
+  os.replace(source, target)
+  log.warning("checkpoint %s is unusable (%s); moved it aside to %s", source, reason, target)
+  return target
+
+
+def check_workdir(ckpt_dir: pathlib.Path, check_metadata: Callable[[int, dict], None]) -> int | None:
+  """Read-only pre-flight check of an existing checkpoint directory (nothing is created or changed).
+
+  Returns the newest step whose metadata is readable (None when there is no committed step). ``check_metadata
+  (step, metadata)`` raises ConfigError when that checkpoint belongs to a different run (model, tokenizer).
+  Raises ResumeError when steps exist but none has readable metadata.
+  """
+  if not ckpt_dir.is_dir():
+    return None
+  manager = ckpt_lib.CheckpointManager(ckpt_dir, max_to_keep=None, async_save=False, create=False)
+  try:
+    steps = manager.all_steps()
+    failures = []
+    for step in reversed(steps):
+      try:
+        manager.verify_step(step)
+        metadata = manager.read_metadata(step)
+      except ckpt_lib.CheckpointError as e:
+        failures.append(f"step {step} ({_one_line(e)})")
+        continue
+      check_metadata(step, metadata)
+      return step
+  finally:
+    manager.close()
+  if steps:
+    raise ResumeError(f"no usable checkpoint in {ckpt_dir}: " + "; ".join(failures)
+                      + "; move the directory away or pass --fresh to start over")
+  return None
+
+
+def restore_with_fallback(open_manager: Callable[[], ckpt_lib.CheckpointManager], *, params_target: Any,
+                          opt_state_target: Any) -> tuple[ckpt_lib.CheckpointManager, ckpt_lib.Restored | None,
+                                                          list[pathlib.Path]]:
+  """Restore the newest step that restores completely; corrupt newer steps are moved aside (with a warning).
+
+  ``open_manager()`` opens the run's CheckpointManager (called again after a step was moved aside, since orbax
+  caches the step list). Returns ``(manager, restored or None when there is no step, moved-aside paths)``.
+  Raises ResumeError, naming each step's path and error, when steps exist but none restores (nothing is moved
+  then: the evidence stays where it is).
+  """
+  manager = open_manager()
+  steps = manager.all_steps()
+  failures: list[tuple[int, str]] = []
+  for step in reversed(steps):
+    try:
+      restored = manager.restore(step, params_target=params_target, opt_state_target=opt_state_target)
+      if restored.data_state is None or "iterator" not in restored.data_state:
+        raise ckpt_lib.CheckpointError(f"{manager.step_dir(step)}: no data-iterator state (not a pre-training "
+                                       f"checkpoint)")
+    except ckpt_lib.CheckpointError as e:
+      failures.append((step, _one_line(e)))
+      continue
+    moved = []
+    if failures:
+      for bad_step, reason in failures:
+        moved.append(quarantine_step(manager, bad_step, reason))
+      log.warning("resuming from the previous good checkpoint %s (step %d)", manager.step_dir(step), step)
+      manager.close()
+      manager = open_manager()
+    return manager, restored, moved
+  if steps:
+    manager.close()
+    raise ResumeError(f"no checkpoint in {manager.directory} restores: "
+                      + "; ".join(f"step {s}: {reason}" for s, reason in failures)
+                      + "; move the directory away or pass --fresh to start over")
+  return manager, None, []
+
+
+def prune_checkpoints(manager: ckpt_lib.CheckpointManager, keep: int) -> list[int]:
+  """Keep the ``keep`` newest steps that pass ``verify_step``; delete older good ones; move failing ones aside.
+
+  Call it when no save is in flight (``manager.wait_until_finished()`` first). The newest verified step is always
+  kept, so a run whose latest saves are broken still has a checkpoint to fall back to. Returns the deleted steps.
+  """
+  good, deleted = [], []
+  for step in reversed(manager.all_steps()):
+    try:
+      manager.verify_step(step)
+    except ckpt_lib.CheckpointError as e:
+      quarantine_step(manager, step, _one_line(e))
+      continue
+    good.append(step)
+  for step in good[keep:]:
+    manager.delete(step)
+    deleted.append(step)
+  return deleted
+
+
+def truncate_metrics(path: pathlib.Path, last_step: int) -> int:
+  """Atomically drop rows with ``step > last_step`` (and unreadable partial lines) from a metrics JSONL file.
+  Returns the number of rows dropped."""
+  if not path.exists():
+    return 0
+  kept, dropped = [], 0
+  for line in path.read_text().splitlines():
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      step = int(row["step"])
+    except (ValueError, KeyError, TypeError):
+      dropped += 1  # a line cut short by a kill
+      continue
+    if step > last_step:
+      dropped += 1
+    else:
+      kept.append(line)
+  if dropped:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+  return dropped
