@@ -1,0 +1,222 @@
+"""SFT trainer: packed == unpacked loss, gradient-accumulation / data-parallel invariance of the assistant-token
+normalisation, chained stages handing off checkpoints (and exact resume), config errors, and the end-to-end
+pretrain -> SFT accuracy gain at CI size."""
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from nanbeige_jax.checkpoint import CheckpointManager, load_params_checkpoint
+from nanbeige_jax.config import ConfigError
+from nanbeige_jax.data.sft_data import pack_conversations, render_conversation
+from nanbeige_jax.model import Decoder, get_preset
+from nanbeige_jax.optim.optimizer import OptimizerConfig, make_optimizer
+from nanbeige_jax.optim.schedules import FGWSDSchedule
+from nanbeige_jax.sharding import make_mesh
+from nanbeige_jax.train.lm import make_lm_loss
+from nanbeige_jax.train.loop import Trainer
+from nanbeige_jax.train.sft import SFTConfig, run_sft
+
+CFG = get_preset("test")
+
+
+class CharTokenizer:
+  special_ids = {"<pad>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<|endoftext|>": 3, "<think>": 4, "</think>": 5}
+  pad_id = 0
+
+  def encode(self, text):
+    return [ord(c) + 6 for c in text]
+
+
+def conversations(n, seed=0):
+  """Multi-turn chats of very different lengths (so per-row and per-token means differ)."""
+  rng = np.random.default_rng(seed)
+  tok = CharTokenizer()
+  out = []
+  for i in range(n):
+    turns = [{"role": "system", "content": "be brief"}] if i % 3 == 0 else []
+    for t in range(1 + i % 2):
+      turns.append({"role": "user", "content": "q" * int(rng.integers(2, 20))})
+      answer = {"role": "assistant", "content": "a" * int(rng.integers(1, 30))}
+      if t == 0 and i % 2:
+        answer["reasoning"] = "think " * int(rng.integers(1, 5))
+      turns.append(answer)
+    out.append(render_conversation(turns, tok, max_len=128))
+  return out
+
+
+def loss_sums(model, rows):
+  loss_fn = make_lm_loss(vocab_chunk=64)
+  batch = {k: jnp.asarray(v) for k, v in rows.items() if k != "source_ids"}
+  loss_sum, weight_sum, _ = loss_fn(model, batch, CFG.rope_theta)
+  return float(loss_sum), float(weight_sum)
+
+
+def test_packed_equals_unpacked():
+  model = Decoder(CFG, rngs=nnx.Rngs(0))
+  convs = conversations(6)
+  packed = pack_conversations(convs, seq_len=128)
+  assert packed["inputs"].shape[0] < len(convs)  # really packed: several conversations share rows
+  assert packed["segment_ids"].max() >= 2
+  packed_loss, packed_tokens = loss_sums(model, packed)
+  unpacked_loss = unpacked_tokens = 0.0
+  for conv in convs:
+    l, w = loss_sums(model, pack_conversations([conv], seq_len=128))
+    unpacked_loss, unpacked_tokens = unpacked_loss + l, unpacked_tokens + w
+  assert packed_tokens == unpacked_tokens == sum(c.weights.sum() for c in convs)
+  np.testing.assert_allclose(packed_loss, unpacked_loss, rtol=1e-5)
+  # Without segment ids the second conversation of a row would attend to the first: the loss changes by more
+  # than the tolerance of the equality above.
+  leaky = dict(packed, segment_ids=(packed["segment_ids"] > 0).astype(np.int32),
+               positions=np.tile(np.arange(128, dtype=np.int32), (packed["inputs"].shape[0], 1)))
+  assert abs(loss_sums(model, leaky)[0] - unpacked_loss) > 1e-5 * abs(unpacked_loss)
+
+
+def sft_batch():
+  rows = pack_conversations(conversations(24, seed=1), seq_len=128)
+  assert rows["inputs"].shape[0] >= 8
+  batch = {k: v[:8] for k, v in rows.items() if k != "source_ids"}
+  tokens = batch["loss_weights"].sum(1)
+  assert tokens.max() > 2 * tokens.min()  # rows carry very different numbers of assistant tokens
+  return batch
+
+
+def one_update(mesh_kw, microbatches, devices, loss_fn=None):
+  tx = make_optimizer(OptimizerConfig(weight_decay=0.0, grad_clip_norm=None))
+  trainer = Trainer(CFG, tx, loss_fn or make_lm_loss(vocab_chunk=64), mesh=make_mesh(**mesh_kw, devices=devices),
+                    microbatches=microbatches)
+  state = trainer.init_state(seed=0)
+  state, metrics = trainer.train_step(state, sft_batch(), 1e-2, CFG.rope_theta)
+  return jax.device_get(state.params), float(metrics["loss"]), float(metrics["tokens"])
+
+
+def test_accumulation_and_data_parallel_invariance():
+  """The same global batch of 8 rows: 8 devices x 1 row (data parallel) vs 1 device x 8 micro-batches."""
+  devices = jax.devices()
+  assert len(devices) == 8
+  dp_params, dp_loss, dp_tokens = one_update({"data": 8, "fsdp": 1, "tensor": 1}, 1, devices)
+  ga_params, ga_loss, ga_tokens = one_update({"data": 1, "fsdp": 1, "tensor": 1}, 8, devices[:1])
+  batch = sft_batch()
+  assert dp_tokens == ga_tokens == batch["loss_weights"].sum()
+  np.testing.assert_allclose(dp_loss, ga_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), dp_params, ga_params)
+
+  # The classic bug (mean per micro-batch, then averaged over micro-batches) gives a different update: the
+  # comparison above can tell the two apart.
+  base = make_lm_loss(vocab_chunk=64)
+
+  def per_micro_mean(model, mb, theta):
+    loss_sum, weight_sum, sums = base(model, mb, theta)
+    return loss_sum / weight_sum, jnp.float32(1.0), sums
+  bad_params, _, _ = one_update({"data": 1, "fsdp": 1, "tensor": 1}, 8, devices[:1], per_micro_mean)
+  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), bad_params, ga_params))
+  assert max(diffs) > 1e-4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chained stages, resume, config errors (a tiny pretrain run in a tmp dir as the starting point)
+# --------------------------------------------------------------------------------------------------------------
+def small_schedule(steps, rows, seq_len, mixture, peak_lr=3e-3):
+  tokens = rows * seq_len
+  return FGWSDSchedule(warmup_tokens=tokens, peak_lr=peak_lr, final_lr=0.0, decay_shape="linear",
+                       stable_phases=[{"name": "stable", "tokens": tokens * (steps - 3), "mixture": mixture}],
+                       decay_tokens=tokens * 2)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """A short pre-training run of a small model on arithmetic text (plain "Question/Answer" documents)."""
+  from nanbeige_jax.train.pretrain import PretrainConfig, run_pretrain
+  workdir = tmp_path_factory.mktemp("pretrain") / "run"
+  cfg = PretrainConfig(
+      model_preset="test", model_overrides={"vocab_size": 384, "hidden_size": 128, "intermediate_size": 256,
+                                            "num_heads": 4, "num_kv_heads": 2, "head_dim": 32},
+      schedule=small_schedule(PRETRAIN_STEPS, 16, 256, {"arithmetic": 1.0}),
+      sources={"arithmetic": {"kind": "arithmetic", "num_train": 4000, "num_eval": 50, "difficulties": [1]}},
+      seq_len=256, global_batch_size=16, tokenizer_vocab_size=384, tokenizer_train_docs=2000,
+      log_every_steps=50, eval_every_steps=1000, eval_batches=1, checkpoint_every_steps=1000,
+      mesh={"data": 1, "fsdp": 1, "tensor": 1}, plot=False, async_checkpointing=False)
+  run_pretrain(cfg, workdir)
+  return workdir
+
+
+PRETRAIN_STEPS = 120
+SFT_STEPS = 60
+
+
+def sft_config(init_from, steps=SFT_STEPS, **kw):
+  defaults = dict(stage="sft_test", init_from=str(init_from),
+                  sources={"arithmetic": {"kind": "arithmetic", "num_train": 4000, "num_eval": 16,
+                                          "difficulties": [1]}},
+                  schedule=small_schedule(steps, 8, 256, {"arithmetic": 1.0}, peak_lr=2e-3),
+                  seq_len=256, global_batch_size=8, log_every_steps=20, eval_every_steps=1000, eval_batches=1,
+                  checkpoint_every_steps=1000, mesh={"data": 1, "fsdp": 1, "tensor": 1}, async_checkpointing=False)
+  defaults.update(kw)
+  return SFTConfig(**defaults)
+
+
+def test_chained_stages_hand_off_and_resume(pretrained, tmp_path):
+  stage1 = tmp_path / "stage1"
+  # Resume: stop after 2 of 4 steps, then continue from the checkpoint exactly.
+  summary = run_sft(sft_config(pretrained, steps=5, max_steps=2, stage="sft_one"), stage1)
+  assert summary["final_step"] == 2 and summary["checkpoint_step"] == 2
+  summary = run_sft(sft_config(pretrained, steps=5, stage="sft_one"), stage1)
+  assert summary["start_step"] == 2 and summary["final_step"] == 5
+  straight = run_sft(sft_config(pretrained, steps=5, stage="sft_one"), tmp_path / "straight")
+  resumed_params, _ = load_params_checkpoint(stage1 / "checkpoints")
+  straight_params, _ = load_params_checkpoint(tmp_path / "straight" / "checkpoints")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), resumed_params, straight_params)
+  assert straight["final_step"] == 5
+  # Stage 2 starts from stage 1's checkpoint (params only) and records where it came from.
+  stage2 = tmp_path / "stage2"
+  summary = run_sft(sft_config(stage1, steps=4, stage="sft_two", max_steps=1), stage2)
+  with CheckpointManager(stage2 / "checkpoints", max_to_keep=None, create=False) as m:
+    meta = m.read_metadata(1)
+  assert meta["stage"] == "sft_two"
+  assert meta["extra"]["init"] == {"from": str(stage1 / "checkpoints"), "step": 5, "stage": "sft_one"}
+  assert meta["extra"]["sources"]["arithmetic"]["kind"] == "arithmetic"   # pre-training sources inherited
+  assert (stage2 / "tokenizer.model").read_bytes() == (pretrained / "tokenizer.model").read_bytes()
+  # Resuming a workdir with another stage's checkpoints is refused.
+  with pytest.raises(ConfigError, match="stage 'sft_one'"):
+    run_sft(sft_config(pretrained, steps=5, stage="sft_other"), stage1)
+
+
+def test_config_errors(pretrained, tmp_path):
+  with pytest.raises(ConfigError, match="init_from"):
+    run_sft(sft_config(None, init_from=None), tmp_path / "a")
+  with pytest.raises(ConfigError, match="does not exist"):
+    run_sft(sft_config(tmp_path / "nowhere"), tmp_path / "b")
+  with pytest.raises(ValueError, match="cannot change at fine-tuning time"):
+    sft_config(pretrained, model_overrides={"hidden_size": 32})
+  with pytest.raises(ValueError, match="not in SFTConfig.sources"):
+    sft_config(pretrained, schedule=small_schedule(5, 8, 256, {"math": 1.0}))
+  other_tok = tmp_path / "other"
+  other_tok.mkdir()
+  from nanbeige_jax.data.tokenizer import Tokenizer
+  Tokenizer.train(["a different corpus " * 50, "with other words 123"], other_tok / "tok", 300)
+  with pytest.raises(ConfigError, match="fingerprint"):
+    run_sft(sft_config(pretrained, tokenizer_path=str(other_tok / "tok.model")), tmp_path / "c")
+
+
+def test_pretrain_then_sft_raises_heldout_accuracy(pretrained, tmp_path):
+  """CI-sized version of the embedded default: held-out avg@k of the SFT model (chat prompts) beats the base
+  checkpoint (its own plain prompt format), both measured by nanbeige_jax.eval.run_eval."""
+  from nanbeige_jax.eval import EvalConfig, run_eval
+  sft_dir = tmp_path / "sft"
+  summary = run_sft(sft_config(pretrained), sft_dir)
+  assert summary["final_step"] == SFT_STEPS and summary["last_loss"] < summary["first_loss"]
+  common = dict(num_problems=32, num_samples=2, temperature=0.0, top_p=1.0, max_new_tokens=96, ppl_max_batches=1,
+                ppl_batch_size=4, generation_batch_size=64)
+  base = run_eval(EvalConfig(workdir=str(pretrained), output=str(tmp_path / "base.json"), **common))
+  tuned = run_eval(EvalConfig(workdir=str(sft_dir), output=str(tmp_path / "sft.json"), **common))
+  assert base["prompt_format"] == "plain" and tuned["prompt_format"] == "chat"
+  base_acc, sft_acc = base["tasks"]["arithmetic"]["avg@2"], tuned["tasks"]["arithmetic"]["avg@2"]
+  (tmp_path / "gain.json").write_text(json.dumps({"base": base_acc, "sft": sft_acc}))
+  print(f"held-out avg@2: base {base_acc:.3f} -> SFT {sft_acc:.3f}")
+  assert tuned["tasks"]["arithmetic"]["finished_eos"] > 0.9   # learned to close its turn
+  assert sft_acc > base_acc
