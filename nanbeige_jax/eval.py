@@ -179,9 +179,10 @@ def arithmetic_items(tokenizer, num_problems: int, prompt_format: str, seed: int
 def generate_samples(sampler: Sampler, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, k: int, *,
                      batch_size: int, seed: int) -> list[list[tuple[np.ndarray, str]]]:
   """k samples per prompt -> [prompt][sample] = (token ids, finish reason). Calls use one fixed batch size
-  (the last is filled with repeats) so the sampler compiles once."""
-  for prompt in prompts:  # every prompt checked before anything compiles
-    sampler.check_prompts([prompt], sampling)
+  (the last is filled with repeats) and one padded prompt length, so the sampler compiles once."""
+  longest = sampler.check_prompts(prompts, sampling)  # every prompt checked before anything compiles
+  prompt_length = min(-(-longest // sampler.prompt_bucket) * sampler.prompt_bucket,
+                      sampler.max_cache_length - sampling.max_new_tokens)
   flat = [(i, j) for i in range(len(prompts)) for j in range(k)]
   seeds = [seed * 1_000_003 + i * k + j for i, j in flat]
   size = min(batch_size, len(flat))
@@ -190,7 +191,7 @@ def generate_samples(sampler: Sampler, prompts: Sequence[Sequence[int]], samplin
     chunk = flat[start:start + size]
     fill = size - len(chunk)
     result = sampler.generate([prompts[i] for i, _ in chunk] + [prompts[chunk[0][0]]] * fill, sampling,
-                              seeds=seeds[start:start + len(chunk)] + [0] * fill)
+                              seeds=seeds[start:start + len(chunk)] + [0] * fill, prompt_length=prompt_length)
     for n, (i, j) in enumerate(chunk):
       out[i][j] = (result.tokens[n], result.finish_reasons[n])
   return out

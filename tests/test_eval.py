@@ -44,6 +44,9 @@ def test_check_answer(completion, gold, correct, extracted):
 
 def test_check_answer_without_answer_and_bad_gold():
   assert mv.check_answer("I do not know", 3).status == "no_answer"
+  rambling = mv.check_answer("12 apples, 3 pens and 7 mugs", 7)
+  assert (rambling.correct, rambling.status) == (False, "no_answer")  # no answer span: not math-verify's guess
+  assert mv.check_answer("x = 0.5", "1/2", require_answer_span=False).correct
   with pytest.raises(ValueError, match="gold answer"):
     mv.check_answer("The answer is 3.", "")
   with pytest.raises(TypeError, match="completion must be a str"):
@@ -51,7 +54,7 @@ def test_check_answer_without_answer_and_bad_gold():
 
 
 def test_check_answer_timeout(monkeypatch):
-  def slow(completion, gold):
+  def slow(completion, gold, require_answer_span):
     time.sleep(30)
   monkeypatch.setattr(mv, "_check", slow)
   start = time.perf_counter()

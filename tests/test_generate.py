@@ -197,6 +197,8 @@ def test_bad_input_fails_before_compiling(sampler):
     sampler.generate([[1, 256]], greedy)
   with pytest.raises(TypeError, match="prompt 0: expected a sequence of token ids, found str"):
     sampler.generate(["hello"], greedy)
+  with pytest.raises(ValueError, match=r"prompt_length=5 must lie in \[19 \(the longest prompt\), 500"):
+    sampler.generate(PROMPTS, greedy, prompt_length=5)
   with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
     sampler.generate(PROMPTS, SAMPLED, seeds=[1, 2])
   for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-1), dict(max_new_tokens=0),

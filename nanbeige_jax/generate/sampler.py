@@ -215,9 +215,11 @@ class Sampler:
     return longest
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-               seeds: Sequence[int] | int = 0) -> GenerationResult:
+               seeds: Sequence[int] | int = 0, prompt_length: int | None = None) -> GenerationResult:
     """Sample one continuation per prompt. ``seeds``: one int per prompt (each sample's random stream depends
-    only on its own seed), or one int ``s`` meaning seeds ``s, s+1, ...`` by prompt index."""
+    only on its own seed; taken modulo 2**32), or one int ``s`` meaning seeds ``s, s+1, ...`` by prompt index.
+    ``prompt_length`` fixes the padded prompt length (>= the longest prompt) so calls over different prompt sets
+    share one compiled program."""
     longest = self.check_prompts(prompts, sampling)
     n = len(prompts)
     if isinstance(seeds, int):
@@ -226,13 +228,19 @@ class Sampler:
     if len(seeds) != n:
       raise ValueError(f"generate: {len(seeds)} seeds for {n} prompts")
     max_new = sampling.max_new_tokens
-    plen = min(_round_up(longest, self.prompt_bucket), self.max_cache_length - max_new)
+    if prompt_length is not None:
+      if not longest <= prompt_length <= self.max_cache_length - max_new:
+        raise ValueError(f"generate: prompt_length={prompt_length} must lie in [{longest} (the longest prompt), "
+                         f"{self.max_cache_length - max_new} (cache length - max_new_tokens)]")
+      plen = prompt_length
+    else:
+      plen = min(_round_up(longest, self.prompt_bucket), self.max_cache_length - max_new)
     batch = _round_up(n, self._batch_multiple())
     filled = list(prompts) + [prompts[0]] * (batch - n)
     seeds = seeds + [seeds[0]] * (batch - n)
     tokens, segments, positions = left_pad([list(map(int, p)) for p in filled], plen, self.pad_id)
     next_pos = np.array([len(p) for p in filled], np.int32)
-    row_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    row_keys = jax.vmap(jax.random.key)(jnp.asarray(np.asarray([s % 2**32 for s in seeds], np.uint32)))
     init_cache, prefill, decode = self._functions(batch, plen + max_new, sampling)
     knobs = (jnp.float32(1.0 if sampling.greedy else sampling.temperature), jnp.float32(sampling.top_p),
              jnp.int32(sampling.top_k), jnp.bool_(sampling.greedy))

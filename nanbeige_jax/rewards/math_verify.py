@@ -1,8 +1,9 @@
 """Answer checking with Hugging Face ``math-verify`` (symbolic/numeric equivalence, not a string compare).
 
 ``check_answer(completion, gold)`` extracts the model's final answer (the text after the last ``The answer is``,
-else the last ``\\boxed{...}``, else the whole completion, which math-verify searches itself), parses it and the
-gold answer with ``math_verify.parse`` and compares them with ``math_verify.verify``. Every check runs under a
+else the last ``\\boxed{...}``), parses it and the gold answer with ``math_verify.parse`` and compares them with
+``math_verify.verify``. A completion with neither is wrong (``no_answer``): letting math-verify pick any number out
+of free text would reward rambling that happens to contain the answer; ``require_answer_span=False`` allows it. Every check runs under a
 per-sample wall-clock timeout: in the main thread a ``SIGALRM`` timer around parse + verify (math-verify's own
 signal timers are disabled so they do not clobber ours); in any other thread, in a child process that is killed
 when time is up. A timed-out or unparsable sample counts as wrong and says so in its ``AnswerCheck``.
@@ -49,9 +50,11 @@ def extract_answer_text(completion: str) -> str | None:
   return None
 
 
-def _check(completion: str, gold: str) -> AnswerCheck:
+def _check(completion: str, gold: str, require_answer_span: bool = True) -> AnswerCheck:
   from math_verify import parse, verify
   extracted = extract_answer_text(completion)
+  if extracted is None and require_answer_span:
+    return AnswerCheck(False, None, "no_answer")
   target = completion if extracted is None else (extracted if extracted.startswith(BOXED) else f"${extracted}$")
   predicted = parse(target, parsing_timeout=None)
   if not predicted:
@@ -66,16 +69,17 @@ def _alarm(signum, frame):
   raise _Timeout()
 
 
-def _child(conn, completion: str, gold: str) -> None:
+def _child(conn, completion: str, gold: str, require_answer_span: bool) -> None:
   try:
-    conn.send(_check(completion, gold))
+    conn.send(_check(completion, gold, require_answer_span))
   except Exception as e:  # reported to the parent, which decides
     conn.send(e)
   finally:
     conn.close()
 
 
-def check_answer(completion: str, gold: str | int | float, timeout_s: float = 5.0) -> AnswerCheck:
+def check_answer(completion: str, gold: str | int | float, timeout_s: float = 5.0, *,
+                 require_answer_span: bool = True) -> AnswerCheck:
   """Is ``completion``'s final answer mathematically equal to ``gold``? Never raises for a bad completion; a
   gold answer math-verify cannot parse is a ValueError (a broken task, not a wrong model)."""
   if not isinstance(completion, str):
@@ -87,7 +91,7 @@ def check_answer(completion: str, gold: str | int | float, timeout_s: float = 5.
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
-      return _check(completion, gold)
+      return _check(completion, gold, require_answer_span)
     except _Timeout:
       return AnswerCheck(False, extract_answer_text(completion), "timeout")
     except ValueError:
@@ -100,7 +104,8 @@ def check_answer(completion: str, gold: str | int | float, timeout_s: float = 5.
   # fork: the child only runs math-verify (no JAX), and needs no importable __main__.
   context = multiprocessing.get_context("fork")
   parent, child = context.Pipe(duplex=False)
-  proc = context.Process(target=_child, args=(child, completion, gold), daemon=True)
+  proc = context.Process(target=_child, args=(child, completion, gold, require_answer_span),
+                         daemon=True)
   proc.start()
   child.close()
   try:
