@@ -45,16 +45,24 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   return out.reshape(b, t, h, d)
 
 
-def cudnn_attention(q, k, v, segment_ids):
+def cudnn_attention(q, k, v, segment_ids, implementation: str = "cudnn"):
+  """``jax.nn.dot_product_attention`` (cuDNN flash attention on NVIDIA GPUs). ``implementation="xla"`` runs the
+  same call through XLA anywhere (tests use it to check the masking on CPU)."""
+  if implementation == "cudnn" and jax.devices()[0].platform != "gpu":
+    raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU, found platform "
+                     f"{jax.devices()[0].platform!r}; use attention_impl='auto' or 'xla'")
   if segment_ids is None:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
   idx = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
   mask = attention_mask(idx, jnp.arange(k.shape[1]), segment_ids, segment_ids)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
 
 
-def splash_attention(q, k, v, segment_ids, interpret: bool = False):
-  """Pallas splash attention (TPU). q (B,T,H,D), k/v (B,S,K,D); causal within segments."""
+def splash_attention(q, k, v, segment_ids, interpret: bool | None = None):
+  """Pallas splash attention (TPU). q (B,T,H,D), k/v (B,S,K,D); causal within segments. Off TPU the kernel runs
+  in Pallas interpret mode (slow, exact: what the CPU tests check against the XLA path)."""
+  if interpret is None:
+    interpret = jax.devices()[0].platform != "tpu"
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
