@@ -177,10 +177,17 @@ def main(argv: list[str]) -> int:
         flush=True)
   peak = metrics.device_peak_flops(device)
   peak_note = "vendor peak"
-  if on_cpu and FLAGS.peak:
-    peak = metrics.measure_cpu_peak_flops(n=2048)
-    peak_note = "measured matmul peak (fp32 2048^3)"
+  cpu_peaks = []
+  measure_peak = on_cpu and FLAGS.peak
+  if measure_peak:
+    cpu_peaks.append(metrics.measure_cpu_peak_flops(n=2048, repeats=5))
   result = time_jax_step(cfg, sharding, batch, FLAGS.steps)
+  if measure_peak:
+    # Measured again after the step (and after torch below); the best is the peak, so a busy moment during
+    # one measurement lowers MFU rather than inflating it.
+    cpu_peaks.append(metrics.measure_cpu_peak_flops(n=2048, repeats=5))
+    peak = max(cpu_peaks)
+    peak_note = f"best measured fp32 2048^3 matmul of {len(cpu_peaks)} measurements"
   tok_s = tokens / result.step_seconds
   model_flops_s = flops_tok * tok_s
   print(f"jax:     step {result.step_seconds * 1e3:9.1f} ms  {tok_s:9.0f} tok/s  "
@@ -195,6 +202,12 @@ def main(argv: list[str]) -> int:
   if on_cpu and FLAGS.torch:
     torch_s = time_torch_step(cfg, batch, FLAGS.steps)
     torch_tok_s = tokens / torch_s
+    if measure_peak:
+      cpu_peaks.append(metrics.measure_cpu_peak_flops(n=2048, repeats=5))
+      if max(cpu_peaks) > peak:
+        peak = max(cpu_peaks)
+        print(f"MFU (re-based on a higher later peak measurement): {100 * model_flops_s / peak:.1f}% of "
+              f"{peak / 1e9:.1f} GFLOP/s")
     line = f"torch:   step {torch_s * 1e3:9.1f} ms  {torch_tok_s:9.0f} tok/s"
     if peak:
       line += f"  MFU {100 * flops_tok * torch_tok_s / peak:.1f}%"
