@@ -116,7 +116,7 @@ class Tokenizer:
           pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece=PAD_PIECE, unk_piece=UNK_PIECE, bos_piece=BOS_PIECE,
           eos_piece=EOS_PIECE, user_defined_symbols=list(special_tokens), byte_fallback=True,
           split_digits=split_digits, normalization_rule_name="identity", remove_extra_whitespaces=False,
-          allow_whitespace_only_pieces=True, max_sentence_length=MAX_TRAIN_SENTENCE_BYTES,
+          allow_whitespace_only_pieces=True, add_dummy_prefix=False, max_sentence_length=MAX_TRAIN_SENTENCE_BYTES,
           num_threads=num_threads, minloglevel=2)
     except RuntimeError as err:
       raise ValueError(f"sentencepiece training of {str(prefix)!r} (vocab_size={vocab_size}, "
