@@ -24,6 +24,8 @@ import pathlib
 import time
 from typing import Any, Callable
 
+import jax
+
 from nanbeige_jax import checkpoint as ckpt_lib
 from nanbeige_jax.config import ConfigError
 
@@ -45,10 +47,14 @@ def quarantine_step(manager: ckpt_lib.CheckpointManager, step: int, reason: str)
   orbax scans) and return the new path. The caller must reopen its CheckpointManager afterwards."""
   source = manager.step_dir(step)
   aside_root = manager.directory.parent / CORRUPT_DIRNAME
-  aside_root.mkdir(parents=True, exist_ok=True)
   target = aside_root / f"{step}.{int(time.time() * 1000)}"
-  os.replace(source, target)
-  log.warning("checkpoint %s is unusable (%s); moved it aside to %s", source, reason, target)
+  if jax.process_index() == 0:  # every process found the same failure; one moves it, the others wait
+    aside_root.mkdir(parents=True, exist_ok=True)
+    os.replace(source, target)
+    log.warning("checkpoint %s is unusable (%s); moved it aside to %s", source, reason, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"nanbeige_jax quarantine checkpoint step {step}")
   return target
 
 
