@@ -246,6 +246,16 @@ def test_bad_input_in_process(assets):
                         mesh={"data": 3, "fsdp": 1, "tensor": 1})
   _fails_before_writing(assets, "tok_vocab", r"tokenizer_vocab_size 4096 exceeds the model's vocab_size 384",
                         tokenizer_path=None, tokenizer_vocab_size=4096)
+  # A workdir holding another stage's checkpoint (e.g. SFT) is not resumed into.
+  from nanbeige_jax.model import get_preset
+  from nanbeige_jax.train.pretrain import run_pretrain
+  sft_workdir = base / "sft_workdir"
+  ckpt_lib.save_params_checkpoint(sft_workdir / "checkpoints", _tiny_params(1.0),
+                                  ckpt_lib.build_metadata(get_preset("test"), stage="sft"), step=3)
+  before = snapshot(sft_workdir)
+  with pytest.raises(resume.ResumeError, match=r"checkpoint step 3 is a 'sft' checkpoint, not a pre-training one"):
+    run_pretrain(_build(assets), sft_workdir)
+  assert snapshot(sft_workdir) == before
   # Mixture weights and gin errors fail while building the config, before run_pretrain is even called.
   for mixture, pattern in (({"a": -1.0, "b": 1.0}, r"mixture\['a'\]: expected a finite weight >= 0, found -1.0"),
                            ({"a": 0.0, "b": 0.0}, r"weights must have a positive sum")):

@@ -20,10 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import pathlib
-import shutil
 import signal
 import time
 from typing import Any
@@ -236,6 +234,9 @@ def _preemption_point(step: int) -> bool:
 
 def _check_checkpoint_metadata(workdir: pathlib.Path, model_cfg: ModelConfig, tokenizer: Tokenizer | None,
                                step: int, meta: dict) -> None:
+  if meta.get("stage") not in (None, "pretrain"):
+    raise resume.ResumeError(f"{workdir}: checkpoint step {step} is a {meta.get('stage')!r} checkpoint, not a "
+                             f"pre-training one; refusing to resume into it: use another --workdir or pass --fresh")
   try:
     ckpt_lib.check_model_config(meta, model_cfg)
   except ckpt_lib.CheckpointError as e:
