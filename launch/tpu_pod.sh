@@ -16,7 +16,7 @@
 # nanbeige_jax.distributed.initialize(), which auto-detects the slice's workers from the TPU metadata server, so
 # no coordinator flags are needed. Example:
 #   launch/tpu_pod.sh --tpu my-v5e-32 --zone us-west4-a --project my-proj --copy --setup -- \
-#       launch/pretrain.py --gin_file=configs/pretrain/nanbeige4_3b.gin
+#       launch/pretrain.py --gin_file=configs/pretrain/<your_config>.gin
 set -euo pipefail
 
 TPU=""; ZONE=""; PROJECT=""; REMOTE_DIR="nanbeige-jax"; VENV=""; COPY=0; SETUP=0; DRY_RUN=0
