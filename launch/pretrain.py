@@ -18,7 +18,7 @@ flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. PretrainConfig.gl
 flags.DEFINE_string("workdir", "runs/pretrain_tiny", "Run directory: checkpoints, metrics, tokenizer, plot.")
 flags.DEFINE_bool("fresh", False, "Start over even if the workdir holds checkpoints (they are moved aside).")
 flags.DEFINE_integer("max_steps", None, "Stop after this many steps in total (smoke runs).")
-distributed.define_flags()
+distributed.define_distributed_flags()
 FLAGS = flags.FLAGS
 
 
@@ -26,6 +26,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   distributed.initialize_from_flags()
+  from nanbeige_jax.checkpoint import CheckpointError
   from nanbeige_jax.train.pretrain import PretrainConfig, TrainingStopped, run_pretrain
   import gin
   bindings = list(FLAGS.gin_param)
@@ -39,6 +40,8 @@ def main(argv):
     sys.exit(f"error: {e}")
   except TrainingStopped as e:
     sys.exit(f"stopped: {e}")
+  except CheckpointError as e:
+    sys.exit(f"error: {' '.join(str(e).split())}")
   except ValueError as e:
     sys.exit(f"error: {' '.join(str(e).split())}")
   first, last = summary.get("first_loss"), summary.get("last_loss")
