@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from nanbeige_jax import distributed  # noqa: E402
 from nanbeige_jax.config import ConfigError, build, parse_gin  # noqa: E402
 
 flags.DEFINE_multi_string("gin_file", [], "Gin files (relative to configs/ or a path).")
@@ -20,12 +21,14 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_integer("num_problems", None, "Held-out problems per task.")
 flags.DEFINE_integer("num_samples", None, "Samples per problem (k of avg@k / pass@k).")
 flags.DEFINE_string("output", None, "Results JSON (default <workdir>/eval/step_<step>.json).")
+distributed.define_distributed_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  distributed.initialize_from_flags()
   from nanbeige_jax.eval import EvalConfig, format_table, run_eval
   bindings = list(FLAGS.gin_param)
   for flag, field, quote in (("workdir", "workdir", True), ("step", "step", False),

@@ -147,3 +147,17 @@ def test_dot_product_attention_path_masks_like_xla():
   if jax.devices()[0].platform != "gpu":
     with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
       cudnn_attention(q, k, v, seg)
+
+
+@pytest.mark.parametrize("mesh_kw", [dict(data=2, fsdp=1, tensor=4), dict(data=2, fsdp=2, tensor=2)])
+def test_splash_under_shard_map_on_8_devices(mesh_kw):
+  """Sharded splash: heads split over `tensor` (or kept whole when the kv heads cannot follow the query heads)."""
+  from nanbeige_jax.model.attention import splash_attention
+  from nanbeige_jax.sharding import make_mesh, use_mesh_rules
+  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+  q = jax.random.normal(k1, (2, 128, 8, 64))
+  k, v = jax.random.normal(k2, (2, 128, 2, 64)), jax.random.normal(k3, (2, 128, 2, 64))
+  seg = jnp.concatenate([jnp.ones((2, 50), jnp.int32), 2 * jnp.ones((2, 78), jnp.int32)], 1)
+  with use_mesh_rules(make_mesh(**mesh_kw)):
+    out = jax.jit(splash_attention)(q, k, v, seg)
+  np.testing.assert_allclose(out, _xla_reference(q, k, v, seg), atol=2e-5)

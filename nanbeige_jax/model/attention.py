@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec
 
 from nanbeige_jax.model.layers import dtype_of, make_param
 from nanbeige_jax.model.rope import apply_rope
@@ -92,9 +93,14 @@ def splash_attention(q, k, v, segment_ids, interpret: bool | None = None):
   if ctx is None:
     return local(q, k, v, segment_ids)
   mesh, rules = ctx
-  qspec = logical_to_spec(("batch", "length", "act_heads", None), rules, mesh)
-  kvspec = logical_to_spec(("batch", "length", "act_kv_heads", None), rules, mesh)
-  sspec = logical_to_spec(("batch", "length"), rules, mesh)
+  qspec = logical_to_spec(("batch", "length", "act_heads", None), rules, mesh, q.shape)
+  kvspec = logical_to_spec(("batch", "length", "act_kv_heads", None), rules, mesh, k.shape)
+  sspec = logical_to_spec(("batch", "length"), rules, mesh, segment_ids.shape)
+  head = lambda spec: spec[2] if len(spec) > 2 else None  # noqa: E731
+  if head(qspec) != head(kvspec):
+    # Query head h reads kv head h // G: the two head axes must be split the same way (or not at all).
+    unshard = lambda spec: PartitionSpec(*(tuple(spec[:2]) + (None,) * (2 - len(spec[:2]))))  # noqa: E731
+    qspec, kvspec = unshard(qspec), unshard(kvspec)
   return jax.shard_map(local, mesh=mesh, in_specs=(qspec, kvspec, kvspec, sspec), out_specs=qspec,
                        check_vma=False)(q, k, v, segment_ids)
 
