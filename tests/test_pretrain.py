@@ -85,3 +85,19 @@ def test_packed_pipeline_rows_compute_the_same_logits_as_documents_alone():
       np.testing.assert_allclose(logits[row, idx], alone[0], atol=2e-5)
       checked += 1
   assert checked >= 3
+
+
+def test_paper_config_parses_and_validates_up_to_the_data(tmp_path):
+  """pretrain/nanbeige4_3b.gin builds a valid config (model, FG-WSD plan, mesh keys) and fails on missing data
+  with an error naming the source and the path."""
+  from nanbeige_jax.config import build, parse_gin
+  from nanbeige_jax.optim.schedules import plan_steps
+  from nanbeige_jax.train.pretrain import PretrainConfig, build_sources
+  parse_gin(["pretrain/nanbeige4_3b.gin"], [f"DATA_ROOT = '{tmp_path}'"])
+  cfg = build(PretrainConfig)
+  assert cfg.model_config().num_params() == 3_933_637_120
+  plan = plan_steps(cfg.schedule, cfg.global_batch_size, seq_len=cfg.seq_len)
+  assert plan[-1].phase.name == "long_context" and plan[-1].seq_len == 65536
+  assert cfg.schedule.total_tokens == 23_000_000_000_000
+  with pytest.raises(ValueError, match="web_medium"):
+    build_sources(cfg)

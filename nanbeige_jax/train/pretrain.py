@@ -86,6 +86,7 @@ class PretrainConfig:
   max_steps: int | None = None              # stop early after this many steps in total (smoke runs)
   max_consecutive_nonfinite: int = 5        # stop after this many non-finite steps in a row (0 = never)
   skip_bad_lines: bool = False              # JSONL sources: skip and count malformed lines instead of failing
+  data_root: str | None = None              # relative source `paths` are resolved against this directory
   plot: bool = True
   # Fault injection (tests, drills): 1-based steps whose batch gets NaN loss weights, so that step's loss and
   # gradients are non-finite and the non-finite policy runs for real. Applied on the host to the batch only; the
@@ -143,6 +144,9 @@ def build_sources(cfg: PretrainConfig) -> dict[str, Any]:
   out = {}
   for name, spec in cfg.sources.items():
     kwargs = {k: v for k, v in spec.items() if k != "kind"}
+    if cfg.data_root and "paths" in kwargs:
+      paths = [kwargs["paths"]] if isinstance(kwargs["paths"], str) else list(kwargs["paths"])
+      kwargs["paths"] = [p if os.path.isabs(p) else os.path.join(cfg.data_root, p) for p in paths]
     if spec["kind"] == "jsonl" and cfg.skip_bad_lines:
       kwargs.setdefault("skip_bad_lines", True)
     out[name] = build_source(spec["kind"], name, **kwargs)
