@@ -247,3 +247,50 @@ def test_pretrain_then_sft_raises_heldout_accuracy(pretrained, tmp_path):
   assert sft_acc > base_acc + 0.2
   assert tuned["finished_eos"] >= 0.9 and tuned["no_answer"] <= 1
   assert tuned["no_answer"] < base["no_answer"] or tuned["finished_eos"] > base["finished_eos"]
+
+
+def test_runner_stop_signal_and_nonfinite_policy(tmp_path):
+  """The generic loop: SIGTERM mid-run finishes the step, checkpoints and stops; consecutive non-finite steps stop
+  the run with the last good checkpoint intact."""
+  import os
+  import signal
+
+  from nanbeige_jax.checkpoint import build_metadata
+  from nanbeige_jax.metrics import MetricsWriter, Progress
+  from nanbeige_jax.train import runner
+  batch = sft_batch()
+
+  def run(loss_fn, workdir, on_step=None, limit=3):
+    tx = make_optimizer(OptimizerConfig())
+    trainer = Trainer(CFG, tx, loss_fn, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    ckpt = runner.Checkpointer(workdir / "checkpoints", metadata=build_metadata(CFG, stage="t"),
+                               data_state_fn=lambda: {"cursor": 0}, async_save=False)
+
+    def next_inputs(step):
+      if on_step is not None:
+        on_step(step)
+      return runner.StepInputs(batch=batch, lr=1e-3, rope_theta=CFG.rope_theta, tokens=100, seq_len=128)
+    settings = runner.LoopSettings(total_steps=10, log_every=1, eval_every=100, checkpoint_every=100,
+                                   max_consecutive_nonfinite=limit)
+    try:
+      return runner.train_loop(trainer, trainer.init_state(0), start_step=0, settings=settings,
+                               next_inputs=next_inputs, checkpointer=ckpt, writer=MetricsWriter(workdir),
+                               progress=Progress(10)), ckpt
+    finally:
+      ckpt.close()
+
+  def sigterm_at_two(step):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+  result, ckpt = run(make_lm_loss(vocab_chunk=64), tmp_path / "a", on_step=sigterm_at_two)
+  assert result.stop_reason == "preempted (SIGTERM) at step 3" and result.step == 3
+  assert ckpt.latest_step() == 3 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+  base = make_lm_loss(vocab_chunk=64)
+
+  def nan_after_two(model, mb, theta):
+    loss_sum, weight_sum, sums = base(model, mb, theta)
+    return loss_sum * jnp.nan, weight_sum, sums
+  result, ckpt = run(nan_after_two, tmp_path / "b", limit=3)
+  assert "3 consecutive non-finite steps" in result.stop_reason and int(result.state.skipped_steps) == 4
+  assert ckpt.latest_step() is None
