@@ -187,6 +187,24 @@ def test_chained_stages_hand_off_and_resume(pretrained, tmp_path):
     run_sft(sft_config(pretrained, steps=5, stage="sft_other"), stage1)
 
 
+def test_init_from_hugging_face_dir(pretrained, tmp_path):
+  """--init_hf: a Hugging Face directory (weights + tokenizer.model) is a valid starting point; at step 0 the LR is
+  0 (warmup), so the first checkpoint holds exactly the imported weights."""
+  import shutil
+
+  from nanbeige_jax.hf import save_hf_dir
+  from nanbeige_jax.model import ModelConfig
+  params, meta = load_params_checkpoint(pretrained / "checkpoints")
+  cfg = ModelConfig.from_dict(meta["model_config"])
+  hf_dir = tmp_path / "hf"
+  save_hf_dir(hf_dir, cfg, params, dtype="float32")
+  shutil.copyfile(pretrained / "tokenizer.model", hf_dir / "tokenizer.model")
+  run_sft(sft_config(None, init_hf=str(hf_dir), steps=4, max_steps=1, eval_batches=0), tmp_path / "sft")
+  tuned, tuned_meta = load_params_checkpoint(tmp_path / "sft" / "checkpoints")
+  assert tuned_meta["extra"]["init"] == {"from": str(hf_dir), "stage": "hf"}
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), tuned, params)
+
+
 def test_config_errors(pretrained, tmp_path):
   with pytest.raises(ConfigError, match="init_from"):
     run_sft(sft_config(None), tmp_path / "a")

@@ -101,6 +101,8 @@ def test_jsonl_source_and_errors(tmp_path):
   path = write_jsonl(tmp_path / "chat.jsonl", [good, "", good])
   src = JsonlChatSource("chat", path, eval_fraction=0.0)
   assert src.num_conversations() == 2 and src.conversation(1) == good["messages"]
+  # No eval conversations (eval_fraction 0): evaluation yields nothing instead of failing.
+  assert list(SFTMixtureIterator({"chat": src}, CharTokenizer(), batch_size=2, seed=0).eval_batches(64)) == []
   cases = [
       ("{not json", r"bad.jsonl:2: not valid JSON"),
       (json.dumps({"text": "x"}), r"bad.jsonl:2: missing field 'messages'"),

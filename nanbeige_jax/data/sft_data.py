@@ -452,7 +452,7 @@ class SFTMixtureIterator:
     for name in self.source_names:
       current: list[Conversation] = []
       used = 0
-      for index in self.sources[name].split_indices("eval"):
+      for index in np.flatnonzero(self.sources[name]._eval_mask()):  # a source may have no eval conversations
         conv = self._cache.get((name, int(index), seq_len), lambda i=int(index): render_conversation(
             self.sources[name].conversation(i), self.tokenizer, max_len=seq_len, overlong=self.overlong))
         if conv is None:

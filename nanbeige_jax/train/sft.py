@@ -321,7 +321,10 @@ def run_sft(cfg: SFTConfig, workdir: str | os.PathLike, *, fresh: bool = False,
       weight_sum += float(out["weight_sum"])
       src_nll += np.asarray(out["sums"]["source_nll"])
       src_tok += np.asarray(out["sums"]["source_tokens"])
-    row = {"eval/loss": loss_sum / max(weight_sum, 1.0), "eval/loss_tokens": weight_sum}
+    if weight_sum == 0:
+      log.warning("no eval conversations in any SFT source (eval_fraction too small for the data?)")
+      return {"eval/loss_tokens": 0.0}
+    row = {"eval/loss": loss_sum / weight_sum, "eval/loss_tokens": weight_sum}
     for i, n in enumerate(names):
       if src_tok[i] > 0:
         row[f"eval/loss/{n}"] = float(src_nll[i] / src_tok[i])
