@@ -42,6 +42,8 @@ def _expected_answer(problem: arithmetic.Problem) -> int:
   if problem.template == "savings":
     return n[0] * n[1] + (n[2] if len(n) >= 3 else 0) - (n[3] if len(n) == 4 else 0)
   if problem.template == "change":
+    if problem.difficulty == 0:  # one item at n[0] dollars from an n[1]-dollar bill
+      return n[1] - n[0]
     bill = n[-1]
     cost = n[0] * n[1] + (n[2] * n[3] if len(n) >= 5 else 0) - (n[4] if len(n) == 6 else 0)
     return bill - cost
@@ -110,5 +112,30 @@ def test_difficulty_filter_and_bad_arguments():
     arithmetic.generate("test", 10)
   with pytest.raises(ValueError, match="difficulties"):
     arithmetic.generate("train", 10, difficulties=(4,))
+  with pytest.raises(ValueError, match="difficulties"):
+    arithmetic.generate("train", 10, difficulties=())
   with pytest.raises(ValueError, match="num_problems"):
     arithmetic.generate("train", 0)
+
+
+def test_warmup_level_is_one_small_step():
+  """Level 0: every template, one worked step on small operands, answers right, splits disjoint; and adding the
+  level left the stream of levels 1-3 untouched (the pre-training data)."""
+  train, heldout = arithmetic.generate("train", 1500, difficulties=(0,)), arithmetic.generate("heldout", 64,
+                                                                                              difficulties=(0,))
+  assert {p.template for p in train} == set(arithmetic.TEMPLATES) == {p.template for p in heldout}
+  assert not {p.id for p in train} & {p.id for p in heldout}
+  assert not {p.question for p in train} & {p.question for p in heldout}
+  for problem in train + heldout:
+    assert problem.difficulty == 0 and problem.answer == _expected_answer(problem), problem
+    steps = problem.solution.splitlines()[:-1]
+    assert len(steps) == 1, problem.solution
+    (a, op, b, result), = re.findall(r"(\d+) ([-+×÷]) (\d+) = (\d+)", steps[0])
+    assert int(result) == problem.answer and min(int(a), int(b)) <= 9 and max(int(a), int(b)) <= 45, steps
+    for number in problem.numbers:
+      assert str(number) in problem.question
+  mixed = arithmetic.generate("train", 200, difficulties=(0, 1, 2, 3))
+  assert {p.difficulty for p in mixed} == {0, 1, 2, 3}
+  # The default stream (levels 1-3, what pre-training reads) as it was before level 0 existed.
+  assert [p.id for p in arithmetic.generate("train", 3)] == ["d1e169ea10c7e75b", "b4e7768732a28b71", "a70369cc9e7e4adc"]
+  assert [p.id for p in arithmetic.generate("heldout", 2)] == ["3fb59ed51b599712", "52b46cb20e31fad6"]

@@ -1,7 +1,9 @@
 """Procedurally generated GSM8K-style arithmetic word problems with worked, step-by-step solutions.
 
 Every problem comes from one of a few templates (shopping totals, rates, equal sharing, running stock, savings,
-change from a payment); each ``difficulty`` level (1-3) adds at least one arithmetic step to a template. All answers are
+change from a payment); each ``difficulty`` level (1-3) adds at least one arithmetic step to a template. Level 0 is
+a warm-up level for very small models: every template as a single step on single-digit operands (at most 30 for the
+library's stock), so the skill is reading the numbers off the question and one arithmetic fact. All answers are
 integers and every intermediate result is a non-negative integer. Solutions end with the line
 ``The answer is N.`` so that a verifier can parse them.
 
@@ -22,6 +24,7 @@ NAMES = ("Mia", "Noah", "Ava", "Liam", "Zoe", "Omar", "Lena", "Ravi", "Chen", "S
 ITEMS = (("notebook", "notebooks"), ("pen", "pens"), ("apple", "apples"), ("ticket", "tickets"), ("mug", "mugs"),
          ("book", "books"), ("candle", "candles"), ("toy car", "toy cars"))
 ANSWER_PREFIX = "The answer is "
+DIFFICULTIES = (0, 1, 2, 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +59,14 @@ def _finish(template: str, numbers: tuple[int, ...], words: tuple[str, ...], que
 def _shopping(rng: random.Random, difficulty: int) -> Problem:
   """Sum of (count x unit price) over ``difficulty`` item kinds."""
   name = rng.choice(NAMES)
-  kinds = rng.sample(ITEMS, difficulty)
+  kinds = rng.sample(ITEMS, max(difficulty, 1))
   numbers: list[int] = []
   parts, steps, costs = [], [], []
   for singular, plural in kinds:
-    count, price = rng.randint(2, 9), rng.randint(1, 15)
+    if difficulty == 0:
+      count, price = rng.randint(2, 5), rng.randint(1, 9)
+    else:
+      count, price = rng.randint(2, 9), rng.randint(1, 15)
     numbers += [count, price]
     parts.append(f"{count} {plural} at ${price} each")
     costs.append(count * price)
@@ -79,7 +85,7 @@ def _shopping(rng: random.Random, difficulty: int) -> Problem:
 
 def _rate(rng: random.Random, difficulty: int) -> Problem:
   """rate x hours, then (difficulty >= 2) minus rejects, then (difficulty >= 3) split into boxes."""
-  rate, hours = rng.randint(3, 40), rng.randint(2, 12)
+  rate, hours = (rng.randint(2, 9), rng.randint(2, 5)) if difficulty == 0 else (rng.randint(3, 40), rng.randint(2, 12))
   made = rate * hours
   steps = [f"In {hours} hours the machine makes {rate} × {hours} = {made} widgets."]
   question = f"A machine makes {rate} widgets per hour. It runs for {hours} hours."
@@ -106,9 +112,12 @@ def _rate(rng: random.Random, difficulty: int) -> Problem:
 def _sharing(rng: random.Random, difficulty: int) -> Problem:
   """Equal sharing: (packs x per_pack [+ extra]) ÷ people."""
   name = rng.choice(NAMES)
-  people, share = rng.randint(2, 9), rng.randint(2, 15)
+  if difficulty == 0:
+    people, share = rng.randint(2, 5), rng.randint(2, 9)
+  else:
+    people, share = rng.randint(2, 9), rng.randint(2, 15)
   total = people * share
-  if difficulty == 1:
+  if difficulty <= 1:
     question = (f"{name} has {total} cookies and shares them equally among {people} friends. "
                 f"How many cookies does each friend get?")
     steps = [f"Each friend gets {total} ÷ {people} = {share} cookies."]
@@ -117,7 +126,8 @@ def _sharing(rng: random.Random, difficulty: int) -> Problem:
   packs = total // per_pack
   question = (f"{name} buys {packs} packs of cookies with {per_pack} cookies in each pack and shares them equally "
               f"among {people} friends.")
-  steps = [f"Total cookies: {packs} × {per_pack} = {total}.", f"Each friend gets {total} ÷ {people} = {share} cookies."]
+  steps = [f"Total cookies: {packs} × {per_pack} = {total}.",
+           f"Each friend gets {total} ÷ {people} = {share} cookies."]
   numbers = [packs, per_pack, people]
   answer = share
   if difficulty >= 3:
@@ -133,13 +143,13 @@ def _sharing(rng: random.Random, difficulty: int) -> Problem:
 
 def _stock(rng: random.Random, difficulty: int) -> Problem:
   """Running stock: start, then 1 + difficulty alternating lend/receive events."""
-  stock = rng.randint(50, 300)
+  stock = rng.randint(10, 30) if difficulty == 0 else rng.randint(50, 300)
   question = f"A library has {stock} books."
   steps = []
   numbers = [stock]
-  for step in range(1 + difficulty):
+  for step in range(max(1, 1 + difficulty)):
     if step % 2 == 0:
-      lent = rng.randint(1, stock - 1)
+      lent = rng.randint(1, 9) if difficulty == 0 else rng.randint(1, stock - 1)
       numbers.append(lent)
       question += f" It lends out {lent} books."
       steps.append(f"After lending: {stock} - {lent} = {stock - lent} books.")
@@ -157,7 +167,10 @@ def _stock(rng: random.Random, difficulty: int) -> Problem:
 def _savings(rng: random.Random, difficulty: int) -> Problem:
   """weekly x weeks, (d >= 2) plus a gift, (d >= 3) minus a purchase."""
   name = rng.choice(NAMES)
-  weekly, weeks = rng.randint(2, 30), rng.randint(2, 20)
+  if difficulty == 0:
+    weekly, weeks = rng.randint(2, 9), rng.randint(2, 5)
+  else:
+    weekly, weeks = rng.randint(2, 30), rng.randint(2, 20)
   saved = weekly * weeks
   question = f"{name} saves ${weekly} every week for {weeks} weeks."
   steps = [f"Savings: {weekly} × {weeks} = {saved} dollars."]
@@ -179,9 +192,16 @@ def _savings(rng: random.Random, difficulty: int) -> Problem:
 
 
 def _change(rng: random.Random, difficulty: int) -> Problem:
-  """Change from a bill after buying count x price (+ a second item kind for d >= 2, a coupon for d >= 3)."""
+  """Change from a bill after buying count x price (+ a second item kind for d >= 2, a coupon for d >= 3); d = 0:
+  one item at a single-digit price from a $10 bill."""
   name = rng.choice(NAMES)
   (singular, plural), (singular2, plural2) = rng.sample(ITEMS, 2)
+  if difficulty == 0:
+    price = rng.randint(1, 9)
+    question = (f"{name} buys one {singular} for ${price} and pays with a $10 bill. "
+                f"How many dollars of change does {name} get?")
+    steps = [f"Change: 10 - {price} = {10 - price} dollars."]
+    return _finish("change", (price, 10), (name, singular), question, steps, 10 - price, difficulty)
   count, price = rng.randint(2, 6), rng.randint(2, 9)
   cost = count * price
   steps = [f"The {plural} cost {count} × {price} = {cost} dollars."]
@@ -221,9 +241,9 @@ def generate(split: str, num_problems: int, *, seed: int = 0, difficulties: tupl
     raise ValueError(f"arithmetic split must be one of {SPLITS}, got {split!r}")
   if num_problems <= 0:
     raise ValueError(f"num_problems must be > 0, got {num_problems}")
-  bad = [d for d in difficulties if d not in (1, 2, 3)]
+  bad = [d for d in difficulties if d not in DIFFICULTIES]
   if not difficulties or bad:
-    raise ValueError(f"difficulties must be a non-empty subset of (1, 2, 3), got {difficulties}")
+    raise ValueError(f"difficulties must be a non-empty subset of {DIFFICULTIES}, got {difficulties}")
   rng = random.Random(f"nanbeige-arithmetic-{seed}")
   template_names = sorted(TEMPLATES)
   problems: list[Problem] = []
