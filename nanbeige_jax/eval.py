@@ -55,6 +55,7 @@ class EvalConfig:
   ppl_max_batches: int = 8                   # per source (0 = the whole eval split)
   # generative accuracy
   tasks: tuple = ("arithmetic",)
+  difficulties: tuple = (1, 2, 3)            # arithmetic levels of the held-out problems (0 = single-step warm-up)
   num_problems: int = 64
   num_samples: int = 8                       # k in avg@k / pass@k
   temperature: float = 0.6
@@ -82,6 +83,11 @@ class EvalConfig:
     unknown = [t for t in self.tasks if t not in TASKS]
     if unknown:
       raise ValueError(f"EvalConfig.tasks: unknown task(s) {unknown}; known: {TASKS}")
+    from nanbeige_jax.data.tasks.arithmetic import DIFFICULTIES
+    if (not isinstance(self.difficulties, (tuple, list)) or not self.difficulties
+        or any(d not in DIFFICULTIES for d in self.difficulties)):
+      raise ValueError(f"EvalConfig.difficulties: expected a non-empty subset of {DIFFICULTIES}, "
+                       f"found {self.difficulties!r}")
     if not self.verify_timeout_s > 0:
       raise ValueError(f"EvalConfig.verify_timeout_s: expected > 0, found {self.verify_timeout_s!r}")
     SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -159,19 +165,22 @@ class TaskItem:
   question: str
 
 
-def arithmetic_items(tokenizer, num_problems: int, prompt_format: str, seed: int = 0) -> list[TaskItem]:
-  """Held-out arithmetic problems as prompts: ``plain`` is the pre-training text format up to "Answer:",
-  ``chat`` a ChatML user turn (the model answers in its assistant turn)."""
+def arithmetic_items(tokenizer, num_problems: int, prompt_format: str, seed: int = 0,
+                     difficulties: Sequence[int] = (1, 2, 3)) -> list[TaskItem]:
+  """Held-out arithmetic problems of the given difficulty levels as prompts: ``plain`` is the pre-training text
+  format up to "Answer:", ``chat`` a ChatML user turn with the SFT data's instruction (the model answers in its
+  assistant turn)."""
   from nanbeige_jax.data.chat_template import user_prompt
+  from nanbeige_jax.data.sft_data import ARITHMETIC_INSTRUCTION
   from nanbeige_jax.data.tasks import arithmetic
   items = []
-  for p in arithmetic.generate("heldout", num_problems, seed=seed):
+  for p in arithmetic.generate("heldout", num_problems, seed=seed, difficulties=tuple(difficulties)):
     if prompt_format == "plain":
       text = arithmetic.render_for_pretraining(p)
       prefix = text[:text.index("\nAnswer:") + len("\nAnswer:")]
       ids = [tokenizer.bos_id] + tokenizer.encode(prefix)
     else:
-      ids = user_prompt(p.question + "\nEnd with: The answer is N.", tokenizer)
+      ids = user_prompt(p.question + ARITHMETIC_INSTRUCTION, tokenizer)
     items.append(TaskItem(p.id, ids, str(p.answer), p.question))
   return items
 
@@ -253,7 +262,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if not isinstance(spec, dict) or "kind" not in spec:
       raise ValueError(f"EvalConfig.sources[{name!r}]: expected a dict with a 'kind' key, found {spec!r}")
     sources[name] = build_source(spec["kind"], name, **{k: v for k, v in spec.items() if k != "kind"})
-  task_items = {"arithmetic": arithmetic_items(tokenizer, cfg.num_problems, prompt_format)}
+  task_items = {"arithmetic": arithmetic_items(tokenizer, cfg.num_problems, prompt_format,
+                                               difficulties=cfg.difficulties)}
   task_items = {t: task_items[t] for t in cfg.tasks}
   for task, items in task_items.items():  # prompt length vs cache: before anything compiles
     for item in items:
@@ -276,7 +286,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     correct, records = score_samples(items, samples, tokenizer, stop_ids, cfg.verify_timeout_s)
     metrics = accuracy_metrics(correct)
     metrics.update({
-        "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+        "difficulties": list(cfg.difficulties), "temperature": cfg.temperature, "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
         "max_new_tokens": cfg.max_new_tokens, "generation_seconds": gen_seconds,
         "mean_completion_tokens": float(np.mean([r["tokens"] for r in records])),
         "finished_eos": float(np.mean([r["finish"] == "eos" for r in records])),
@@ -303,5 +314,6 @@ def format_table(results: dict[str, Any]) -> str:
     lines += ["", f"{'task':<14}{'problems':>9}{f'avg@{k}':>9}{f'pass@{k}':>9}{'eos':>7}{'len':>7}  sampling",
               f"{task:<14}{m['num_problems']:>9}{m[f'avg@{k}']:>9.3f}{m[f'pass@{k}']:>9.3f}"
               f"{m['finished_eos']:>7.2f}{m['mean_completion_tokens']:>7.1f}  T={m['temperature']} "
-              f"top_p={m['top_p']} max_new={m['max_new_tokens']} ({results['prompt_format']} prompts)"]
+              f"top_p={m['top_p']} max_new={m['max_new_tokens']} ({results['prompt_format']} prompts, "
+              f"difficulties {m.get('difficulties')})"]
   return "\n".join(lines)

@@ -120,7 +120,7 @@ def test_launch_eval_end_to_end(run_dir):
   cmd = [sys.executable, os.path.join(REPO, "launch", "eval.py"), f"--workdir={run_dir}", "--num_problems=3",
          "--num_samples=2", f"--output={output}", "--gin_param=EvalConfig.max_new_tokens=24",
          "--gin_param=EvalConfig.ppl_seq_len=64", "--gin_param=EvalConfig.ppl_max_batches=2",
-         "--gin_param=EvalConfig.generation_batch_size=6"]
+         "--gin_param=EvalConfig.generation_batch_size=6", "--gin_param=EvalConfig.difficulties=(0, 1)"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -133,7 +133,7 @@ def test_launch_eval_end_to_end(run_dir):
     assert ppl["tokens"] > 0 and 1.0 < ppl["perplexity"] < 3 * vocab  # an untrained model: about uniform
   task = results["tasks"]["arithmetic"]
   assert task["num_problems"] == 3 and task["k"] == 2 and 0.0 <= task["avg@2"] <= task["pass@2"] <= 1.0
-  assert task["temperature"] == 0.6 and task["top_p"] == 0.95
+  assert task["temperature"] == 0.6 and task["top_p"] == 0.95 and task["difficulties"] == [0, 1]
   assert len(task["examples"]) == 6 and all(e["finish"] in ("eos", "length") for e in task["examples"])
 
 
@@ -162,3 +162,21 @@ def test_bad_input_fails_before_compiling(run_dir, monkeypatch, tmp_path):
   for bad in (dict(num_samples=0), dict(prompt_format="xml"), dict(tasks=("gsm8k",)), dict(top_p=1.5)):
     with pytest.raises(ValueError):
       small_eval(run_dir, **bad)
+  for bad in ((4,), (), 1):
+    with pytest.raises(ValueError, match="EvalConfig.difficulties"):
+      small_eval(run_dir, difficulties=bad)
+
+
+def test_arithmetic_items_follow_the_sft_prompt_and_difficulties(run_dir):
+  """Chat prompts end with the SFT data's instruction; the problems are the held-out ones of the asked levels."""
+  from nanbeige_jax.data.chat_template import user_prompt
+  from nanbeige_jax.data.sft_data import ARITHMETIC_INSTRUCTION
+  from nanbeige_jax.data.tasks import arithmetic
+  from nanbeige_jax.data.tokenizer import Tokenizer
+  from nanbeige_jax.eval import arithmetic_items
+  tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
+  items = arithmetic_items(tokenizer, 5, "chat", difficulties=(0,))
+  problems = arithmetic.generate("heldout", 5, difficulties=(0,))
+  assert [item.id for item in items] == [p.id for p in problems]
+  assert [item.answer for item in items] == [str(p.answer) for p in problems]
+  assert items[0].prompt_ids == user_prompt(problems[0].question + ARITHMETIC_INSTRUCTION, tokenizer)
