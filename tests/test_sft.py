@@ -222,7 +222,7 @@ def test_config_errors(pretrained, tmp_path):
     run_sft(sft_config(pretrained, tokenizer_path=str(other_tok / "tok.model")), tmp_path / "c")
 
 
-def heldout_token_accuracy(workdir, num_problems=48):
+def heldout_token_accuracy(workdir, num_problems=48, difficulties=(1,)):
   """Teacher-forced accuracy of the checkpoint on the assistant tokens of held-out arithmetic chats (argmax ==
   the next token, over every assistant-produced position: <think> span, worked steps, answer line, <|im_end|>)."""
   from nanbeige_jax.data.sft_data import ArithmeticChatSource
@@ -230,7 +230,7 @@ def heldout_token_accuracy(workdir, num_problems=48):
   from nanbeige_jax.generate import load_model
   tok = Tokenizer.load(pathlib.Path(workdir) / "tokenizer.model")
   model, _, _ = load_model(pathlib.Path(workdir) / "checkpoints", tokenizer=tok, dtype="float32")
-  source = ArithmeticChatSource(num_train=1, num_eval=num_problems, difficulties=[1])
+  source = ArithmeticChatSource(num_train=1, num_eval=num_problems, difficulties=list(difficulties))
   convs = [render_conversation(source.conversation(int(i)), tok, max_len=256) for i in source.split_indices("eval")]
   rows = pack_conversations(convs, seq_len=256)
   graphdef, state = nnx.split(model)
@@ -244,24 +244,29 @@ def heldout_token_accuracy(workdir, num_problems=48):
 
 
 def test_pretrain_then_sft_raises_heldout_accuracy(pretrained, tmp_path):
-  """CI-sized form of the embedded default (pretrain -> SFT on the arithmetic chats). At this size the model cannot
-  do the arithmetic itself (generative avg@k is ~0 before and after; the real gain is measured on the tiny default
-  run with launch/eval.py), so the gains asserted are the ones SFT must produce at any size: held-out
-  teacher-forced accuracy on the assistant tokens rises sharply, and in generation (run_eval, same chat prompts
-  for both checkpoints) the SFT model closes its turn and ends with a verifiable answer line."""
+  """CI-sized form of the embedded default: pretrain -> SFT on the arithmetic chats of the single-step warm-up level
+  (difficulty 0, as configs/sft/tiny_arithmetic.gin), then run_eval on held-out difficulty-0 problems with the same
+  chat prompts for both checkpoints (greedy, answers checked by math-verify). At this size (40 SFT steps of a ~1M
+  model) greedy avg@1 goes 0.000 -> 0.062, two problems of 32: too few to assert; the real avg@k gain is measured
+  on the tiny default run (README). Asserted are the gains SFT must produce at any size: held-out teacher-forced
+  accuracy on the assistant tokens (measured 0.54 -> 0.84) and every generation closing its turn with an answer."""
   from nanbeige_jax.eval import EvalConfig, run_eval
   sft_dir = tmp_path / "sft"
-  summary = run_sft(sft_config(pretrained), sft_dir)
+  warmup = {"arithmetic": {"kind": "arithmetic", "num_train": 4000, "num_eval": 16, "difficulties": [0]}}
+  summary = run_sft(sft_config(pretrained, sources=warmup), sft_dir)
   assert summary["final_step"] == SFT_STEPS and summary["last_loss"] < 0.5 * summary["first_loss"]
-  base_acc, sft_acc = heldout_token_accuracy(pretrained), heldout_token_accuracy(sft_dir)
-  common = dict(num_problems=16, num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=96, ppl_max_batches=1,
-                ppl_batch_size=4, generation_batch_size=16, prompt_format="chat")
+  base_acc, sft_acc = (heldout_token_accuracy(d, difficulties=(0,)) for d in (pretrained, sft_dir))
+  problems = 32
+  common = dict(num_problems=problems, num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=64,
+                ppl_max_batches=1, ppl_batch_size=4, generation_batch_size=32, prompt_format="chat",
+                difficulties=(0,))
   base = run_eval(EvalConfig(workdir=str(pretrained), output=str(tmp_path / "base.json"), **common))["tasks"]
   tuned = run_eval(EvalConfig(workdir=str(sft_dir), output=str(tmp_path / "sft.json"), **common))["tasks"]
   base, tuned = base["arithmetic"], tuned["arithmetic"]
   print(f"held-out assistant-token accuracy: base {base_acc:.3f} -> SFT {sft_acc:.3f}; chat prompts: answered "
-        f"{1 - base['no_answer'] / 16:.2f} -> {1 - tuned['no_answer'] / 16:.2f}, eos {base['finished_eos']:.2f} -> "
-        f"{tuned['finished_eos']:.2f}, avg@1 {base['avg@1']:.3f} -> {tuned['avg@1']:.3f}")
+        f"{1 - base['no_answer'] / problems:.2f} -> {1 - tuned['no_answer'] / problems:.2f}, eos "
+        f"{base['finished_eos']:.2f} -> {tuned['finished_eos']:.2f}, avg@1 {base['avg@1']:.3f} -> "
+        f"{tuned['avg@1']:.3f}")
   assert sft_acc > base_acc + 0.2
   assert tuned["finished_eos"] >= 0.9 and tuned["no_answer"] <= 1
   assert tuned["no_answer"] < base["no_answer"] or tuned["finished_eos"] > base["finished_eos"]
