@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from nanbeige_jax import distributed  # noqa: E402
-from nanbeige_jax.config import ConfigError, build, parse_gin  # noqa: E402
+from nanbeige_jax.config import build, parse_gin  # noqa: E402
 
 flags.DEFINE_multi_string("gin_file", ["pretrain/tiny.gin"], "Gin files (relative to configs/ or a path).")
 flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. PretrainConfig.global_batch_size=32.")
@@ -26,33 +26,18 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   distributed.initialize_from_flags()
-  from nanbeige_jax.checkpoint import CheckpointError
-  from nanbeige_jax.train.pretrain import PretrainConfig, TrainingStopped, run_pretrain
   import gin
+  from nanbeige_jax.train.pretrain import PretrainConfig, run_pretrain
+  from nanbeige_jax.train.runner import run_for_launcher
   bindings = list(FLAGS.gin_param)
   if FLAGS.max_steps is not None:
     bindings.append(f"PretrainConfig.max_steps = {FLAGS.max_steps}")
-  try:
+
+  def run():
     parse_gin(FLAGS.gin_file, bindings)
-    cfg = build(PretrainConfig)
-    summary = run_pretrain(cfg, FLAGS.workdir, fresh=FLAGS.fresh, operative_config=gin.config_str())
-  except ConfigError as e:
-    sys.exit(f"error: {e}")
-  except TrainingStopped as e:
-    sys.exit(f"stopped: {e}")
-  except CheckpointError as e:
-    sys.exit(f"error: {' '.join(str(e).split())}")
-  except ValueError as e:
-    sys.exit(f"error: {' '.join(str(e).split())}")
-  first, last = summary.get("first_loss"), summary.get("last_loss")
-  msg = f"done: step {summary['final_step']}/{summary['total_steps']}"
-  if first and last:
-    msg += f", loss {first:.3f} -> {last:.3f} ({(1 - last / first):.0%} lower)"
-  if summary.get("eval_loss") is not None:
-    msg += f", eval loss {summary['eval_loss']:.3f}"
-  if summary.get("stopped"):
-    msg += f" [{summary['stopped']}]"
-  print(msg + f"; workdir {FLAGS.workdir}")
+    return run_pretrain(build(PretrainConfig), FLAGS.workdir, fresh=FLAGS.fresh, operative_config=gin.config_str(),
+                        sharding_report=True)
+  run_for_launcher(run, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from nanbeige_jax import distributed  # noqa: E402
-from nanbeige_jax.config import ConfigError, build, parse_gin  # noqa: E402
+from nanbeige_jax.config import build, parse_gin  # noqa: E402
 
 flags.DEFINE_multi_string("gin_file", ["sft/tiny_arithmetic.gin"], "Gin files (relative to configs/ or a path).")
 flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. SFTConfig.global_batch_size=32.")
@@ -34,7 +34,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   distributed.initialize_from_flags()
   import gin
-  from nanbeige_jax.train.runner import TrainingStopped
+  from nanbeige_jax.train.runner import run_for_launcher
   from nanbeige_jax.train.sft import SFTConfig, run_sft
   bindings = list(FLAGS.gin_param)
   if FLAGS.init_from is not None and FLAGS.init_hf is not None:
@@ -49,25 +49,12 @@ def main(argv):
     bindings.append(f"SFTConfig.tokenizer_path = {FLAGS.tokenizer!r}")
   if FLAGS.max_steps is not None:
     bindings.append(f"SFTConfig.max_steps = {FLAGS.max_steps}")
-  try:
+
+  def run():
     parse_gin(FLAGS.gin_file, bindings)
-    cfg = build(SFTConfig)
-    summary = run_sft(cfg, FLAGS.workdir, fresh=FLAGS.fresh, operative_config=gin.config_str())
-  except ConfigError as e:
-    sys.exit(f"error: {e}")
-  except TrainingStopped as e:
-    sys.exit(f"stopped: {e}")
-  except ValueError as e:
-    sys.exit(f"error: {' '.join(str(e).split())}")
-  first, last = summary.get("first_loss"), summary.get("last_loss")
-  msg = f"done: {summary['stage']} step {summary['final_step']}/{summary['total_steps']}"
-  if first and last:
-    msg += f", loss {first:.3f} -> {last:.3f}"
-  if summary.get("eval_loss") is not None:
-    msg += f", eval loss {summary['eval_loss']:.3f}"
-  if summary.get("stopped"):
-    msg += f" [{summary['stopped']}]"
-  print(msg + f"; workdir {FLAGS.workdir}")
+    return run_sft(build(SFTConfig), FLAGS.workdir, fresh=FLAGS.fresh, operative_config=gin.config_str(),
+                   sharding_report=True)
+  run_for_launcher(run, FLAGS.workdir)
 
 
 if __name__ == "__main__":

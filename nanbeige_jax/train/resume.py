@@ -105,8 +105,8 @@ def restore_with_fallback(open_manager: Callable[[], ckpt_lib.CheckpointManager]
     try:
       restored = manager.restore(step, params_target=params_target, opt_state_target=opt_state_target)
       if restored.data_state is None or "iterator" not in restored.data_state:
-        raise ckpt_lib.CheckpointError(f"{manager.step_dir(step)}: no data-iterator state (not a pre-training "
-                                       f"checkpoint)")
+        raise ckpt_lib.CheckpointError(f"{manager.step_dir(step)}: no data-iterator state (not a training "
+                                       f"checkpoint of this project)")
     except ckpt_lib.CheckpointError as e:
       failures.append((step, _one_line(e)))
       continue
