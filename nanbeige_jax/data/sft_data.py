@@ -205,7 +205,8 @@ class ArithmeticChatSource(ChatSource):
     self._eval = arithmetic.generate("heldout", self.num_eval, seed=self.seed, difficulties=self.difficulties)
 
   def describe(self) -> str:
-    return f"arithmetic (train {self.num_train}, eval {self.num_eval}, seed {self.seed})"
+    return (f"arithmetic (train {self.num_train}, eval {self.num_eval}, seed {self.seed}, "
+            f"difficulties {list(self.difficulties)})")
 
   def num_conversations(self) -> int:
     return self.num_train + self.num_eval
