@@ -147,19 +147,22 @@ def run_pretrain(cfg: PretrainConfig, workdir: str | os.PathLike, *, fresh: bool
     return _run(cfg, pathlib.Path(workdir), fresh, operative_config, stop, sharding_report)
 
 
+def data_iterator_class(cfg: PretrainConfig) -> type:
+  """``MixtureIterator`` or, for ``data_backend='seqio'``, ``SeqioMixtureIterator`` (ConfigError without seqio)."""
+  if cfg.data_backend != "seqio":
+    return MixtureIterator
+  try:
+    import seqio  # noqa: F401
+    from nanbeige_jax.data.seqio_feed import SeqioMixtureIterator
+  except ImportError:
+    raise ConfigError("PretrainConfig.data_backend='seqio' needs the seqio extra: pip install -e '.[seqio]'") from None
+  return SeqioMixtureIterator
+
+
 def make_data_iterator(cfg: PretrainConfig, sources: dict[str, Any], tokenizer: Tokenizer, names: list[str]) -> Any:
   """The training batch stream of ``cfg.data_backend`` (both backends have the same interface and state)."""
   per_process = cfg.global_batch_size // jax.process_count()
-  if cfg.data_backend == "seqio":
-    try:
-      from nanbeige_jax.data.seqio_feed import SeqioMixtureIterator
-      import seqio  # noqa: F401
-    except ImportError:
-      raise ConfigError("PretrainConfig.data_backend='seqio' needs the seqio extra: pip install -e '.[seqio]'") \
-          from None
-    iterator_cls = SeqioMixtureIterator
-  else:
-    iterator_cls = MixtureIterator
+  iterator_cls = data_iterator_class(cfg)
   return iterator_cls({n: sources[n] for n in names}, tokenizer, batch_size=per_process, seed=cfg.seed,
                       process_index=jax.process_index(), process_count=jax.process_count(), split="train")
 
@@ -191,6 +194,7 @@ def _run(cfg: PretrainConfig, workdir: pathlib.Path, fresh: bool, operative_conf
     mesh = make_mesh(**cfg.mesh)
   except ValueError as e:
     raise ConfigError(f"PretrainConfig.mesh {cfg.mesh}: {' '.join(str(e).split())}") from None
+  data_iterator_class(cfg)  # the backend is installed
   sources = build_sources(cfg)
   skipped_lines = {n: int(s.skipped_lines) for n, s in sources.items() if getattr(s, "skip_bad_lines", False)}
   for name, count in skipped_lines.items():
