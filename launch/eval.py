@@ -12,10 +12,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from nanbeige_jax import distributed  # noqa: E402
-from nanbeige_jax.config import ConfigError, build, parse_gin  # noqa: E402
+from nanbeige_jax.config import ConfigError, build, define_gin_flags, parse_gin  # noqa: E402
 
-flags.DEFINE_multi_string("gin_file", [], "Gin files (relative to configs/ or a path).")
-flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. EvalConfig.num_samples=3.")
+define_gin_flags([], "EvalConfig.num_samples=3")
 flags.DEFINE_string("workdir", None, "A launch/pretrain.py run directory (shorthand for EvalConfig.workdir).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_integer("num_problems", None, "Held-out problems per task.")

@@ -11,13 +11,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from nanbeige_jax import distributed  # noqa: E402
-from nanbeige_jax.config import build, parse_gin  # noqa: E402
+from nanbeige_jax.config import build, define_gin_flags, define_run_flags, parse_gin  # noqa: E402
 
-flags.DEFINE_multi_string("gin_file", ["pretrain/tiny.gin"], "Gin files (relative to configs/ or a path).")
-flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. PretrainConfig.global_batch_size=32.")
-flags.DEFINE_string("workdir", "runs/pretrain_tiny", "Run directory: checkpoints, metrics, tokenizer, plot.")
-flags.DEFINE_bool("fresh", False, "Start over even if the workdir holds checkpoints (they are moved aside).")
-flags.DEFINE_integer("max_steps", None, "Stop after this many steps in total (smoke runs).")
+define_gin_flags(["pretrain/tiny.gin"], "PretrainConfig.global_batch_size=32")
+define_run_flags("runs/pretrain_tiny", "Run directory: checkpoints, metrics, tokenizer, plot.")
 distributed.define_distributed_flags()
 FLAGS = flags.FLAGS
 

@@ -13,18 +13,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from nanbeige_jax import distributed  # noqa: E402
-from nanbeige_jax.config import build, parse_gin  # noqa: E402
+from nanbeige_jax.config import build, define_gin_flags, define_run_flags, parse_gin  # noqa: E402
 
-flags.DEFINE_multi_string("gin_file", ["sft/tiny_arithmetic.gin"], "Gin files (relative to configs/ or a path).")
-flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. SFTConfig.global_batch_size=32.")
-flags.DEFINE_string("workdir", "runs/sft_tiny", "Run directory: checkpoints, metrics, tokenizer copy.")
+define_gin_flags(["sft/tiny_arithmetic.gin"], "SFTConfig.global_batch_size=32")
+define_run_flags("runs/sft_tiny", "Run directory: checkpoints, metrics, tokenizer copy.")
 flags.DEFINE_string("init_from", None, "A run directory or checkpoint directory of this project to start from "
                     "(params only; shorthand for SFTConfig.init_from).")
 flags.DEFINE_integer("init_step", None, "Step of --init_from (default: latest).")
 flags.DEFINE_string("init_hf", None, "A Hugging Face Llama directory to start from instead (SFTConfig.init_hf).")
 flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: the init run's tokenizer.model).")
-flags.DEFINE_bool("fresh", False, "Start over even if the workdir holds checkpoints (they are moved aside).")
-flags.DEFINE_integer("max_steps", None, "Stop after this many steps in total (smoke runs).")
 distributed.define_distributed_flags()
 FLAGS = flags.FLAGS
 

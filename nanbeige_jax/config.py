@@ -95,3 +95,18 @@ def as_dict(obj: Any) -> Any:
   if isinstance(obj, (list, tuple)):
     return [as_dict(v) for v in obj]
   return obj
+
+
+def define_gin_flags(default_files: Sequence[str], example_binding: str) -> None:
+  """The absl flags every launcher shares: ``--gin_file`` (repeatable) and ``--gin_param`` (repeatable)."""
+  from absl import flags
+  flags.DEFINE_multi_string("gin_file", list(default_files), "Gin files (relative to configs/ or a path).")
+  flags.DEFINE_multi_string("gin_param", [], f"Gin bindings, e.g. {example_binding}.")
+
+
+def define_run_flags(default_workdir: str, workdir_help: str) -> None:
+  """The flags of a training launcher: ``--workdir``, ``--fresh``, ``--max_steps``."""
+  from absl import flags
+  flags.DEFINE_string("workdir", default_workdir, workdir_help)
+  flags.DEFINE_bool("fresh", False, "Start over even if the workdir holds checkpoints (they are moved aside).")
+  flags.DEFINE_integer("max_steps", None, "Stop after this many steps in total (smoke runs).")
