@@ -128,7 +128,43 @@ def draw_row_sources(probabilities: np.ndarray, num_rows: int, seed: int, batch_
   return sources[rng.permutation(num_rows)].astype(np.int32)
 
 
-class MixtureIterator:
+class ShardedBatchIterator:
+  """What every batch iterator of this project shares (native, seqio and SFT mixtures): the validated arguments
+  ``batch_size`` (per process), ``seed``, ``process_index``/``process_count``, ``split``, the source order, and the
+  batch counter that keys each batch's deterministic draws."""
+
+  def __init__(self, sources: Mapping[str, Any], tokenizer: Any, *, batch_size: int, seed: int,
+               process_index: int, process_count: int, split: str):
+    name = type(self).__name__
+    if not sources:
+      raise ValueError(f"{name} needs at least one source")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+      raise ValueError(f"{name}: batch_size (per process) must be a positive int, got {batch_size!r}")
+    if process_count <= 0 or not 0 <= process_index < process_count:
+      raise ValueError(f"{name}: need 0 <= process_index < process_count, got {process_index} and {process_count}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+      raise ValueError(f"{name}: seed must be a non-negative int, got {seed!r}")
+    if split not in ("train", "eval"):
+      raise ValueError(f"{name}: split must be 'train' or 'eval', got {split!r}")
+    self.tokenizer = tokenizer
+    self.batch_size = int(batch_size)
+    self.seed = int(seed)
+    self.process_index = process_index
+    self.process_count = process_count
+    self.split = split
+    self.source_names: list[str] = list(sources)
+    self._batch_counter = 0
+
+  @property
+  def global_batch_size(self) -> int:
+    return self.batch_size * self.process_count
+
+  @property
+  def batch_counter(self) -> int:
+    return self._batch_counter
+
+
+class MixtureIterator(ShardedBatchIterator):
   """Packed, process-sharded global batches from named sources under a per-call mixture.
 
   ``sources``: name -> DocumentSource or list of texts; ``source_ids`` index ``source_names``, which is the given
@@ -139,24 +175,9 @@ class MixtureIterator:
   def __init__(self, sources: Mapping[str, SourceLike], tokenizer: Tokenizer, *, batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1, split: str = "train",
                max_cached_tokens: int = 50_000_000):
-    if not sources:
-      raise ValueError("MixtureIterator needs at least one source")
-    if batch_size <= 0:
-      raise ValueError(f"batch_size (per process) must be > 0, got {batch_size}")
-    if process_count <= 0 or not 0 <= process_index < process_count:
-      raise ValueError(f"need 0 <= process_index < process_count, got {process_index} and {process_count}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-      raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if split not in ("train", "eval"):
-      raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    self.tokenizer = tokenizer
-    self.batch_size = batch_size
-    self.seed = int(seed)
-    self.process_index = process_index
-    self.process_count = process_count
-    self.split = split
+    super().__init__(sources, tokenizer, batch_size=batch_size, seed=seed, process_index=process_index,
+                     process_count=process_count, split=split)
     self._sources = {name: as_source(name, source) for name, source in sources.items()}
-    self.source_names: list[str] = list(self._sources)
     self._caches: dict[str, _TokenCache] = {}
     self._datasets = {}
     for index, (name, source) in enumerate(self._sources.items()):
@@ -166,15 +187,6 @@ class MixtureIterator:
       self._caches[name] = shared_token_cache(source, tokenizer, max_cached_tokens // len(self._sources))
     self._fetchers = {name: self._fetcher(name) for name in self.source_names}  # cursor -> doc is pure: no reset
     self._cursors = {name: [0, 0] for name in self.source_names}
-    self._batch_counter = 0
-
-  @property
-  def global_batch_size(self) -> int:
-    return self.batch_size * self.process_count
-
-  @property
-  def batch_counter(self) -> int:
-    return self._batch_counter
 
   def _fetcher(self, name: str):
     dataset, cache = self._datasets[name], self._caches[name]

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from nanbeige_jax.data.mixture import validate_weights
+from nanbeige_jax.data.mixture import ShardedBatchIterator, validate_weights
 from nanbeige_jax.data.seqio_tasks import SEQIO_SPLITS, register_tasks
 from nanbeige_jax.data.sources import DocumentSource, SourceLike, as_source
 from nanbeige_jax.data.tokenizer import Tokenizer
@@ -150,7 +150,7 @@ class _Stream:
     self.iterator: Iterator[dict[str, np.ndarray]] | None = None
 
 
-class SeqioMixtureIterator:
+class SeqioMixtureIterator(ShardedBatchIterator):
   """Packed, process-sharded batches from seqio Mixtures under a per-call mixture; same interface as
   ``mixture.MixtureIterator`` (see the module docstring for what differs).
 
@@ -163,16 +163,6 @@ class SeqioMixtureIterator:
   def __init__(self, sources: Mapping[str, SourceLike | str], tokenizer: Tokenizer, *, batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1, split: str = "train",
                task_prefix: str = "nanbeige_", rate_unit: str = "tokens", length_sample: int = 256):
-    if not sources:
-      raise ValueError("SeqioMixtureIterator needs at least one source")
-    if batch_size <= 0:
-      raise ValueError(f"batch_size (per process) must be > 0, got {batch_size}")
-    if process_count <= 0 or not 0 <= process_index < process_count:
-      raise ValueError(f"need 0 <= process_index < process_count, got {process_index} and {process_count}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-      raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if split not in _SPLIT_TO_SEQIO:
-      raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if rate_unit not in RATE_UNITS:
       raise ValueError(f"rate_unit must be one of {RATE_UNITS}, got {rate_unit!r}")
     if length_sample <= 0:
@@ -180,17 +170,12 @@ class SeqioMixtureIterator:
     if not os.path.isfile(str(tokenizer.source)):
       raise ValueError("SeqioMixtureIterator needs a tokenizer loaded from a SentencePiece model file "
                        f"(seqio.SentencePieceVocabulary reads it); this one's source is {tokenizer.source!r}")
+    super().__init__(sources, tokenizer, batch_size=batch_size, seed=seed, process_index=process_index,
+                     process_count=process_count, split=split)
     seqio, _ = _require_seqio()
-    self.tokenizer = tokenizer
-    self.batch_size = batch_size
-    self.seed = int(seed)
-    self.process_index = process_index
-    self.process_count = process_count
-    self.split = split
     self.rate_unit = rate_unit
     self.length_sample = length_sample
     self.task_prefix = task_prefix
-    self.source_names: list[str] = list(sources)
     self.task_names: dict[str, str] = {}
     for name, source in sources.items():
       if isinstance(source, str):
@@ -200,15 +185,6 @@ class SeqioMixtureIterator:
         document_source.split_indices(split)  # loads and validates: empty/missing sources fail here, by name
         self.task_names[name] = _task_for_source(seqio, name, document_source, tokenizer, task_prefix)
     self._streams: dict[str, _Stream] = {}
-    self._batch_counter = 0
-
-  @property
-  def global_batch_size(self) -> int:
-    return self.batch_size * self.process_count
-
-  @property
-  def batch_counter(self) -> int:
-    return self._batch_counter
 
   # ---- mixing -------------------------------------------------------------------------------------------------------
   @staticmethod

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from nanbeige_jax.data import chat_template
-from nanbeige_jax.data.mixture import EpochShuffledIndices, draw_row_sources, validate_weights
+from nanbeige_jax.data.mixture import EpochShuffledIndices, ShardedBatchIterator, draw_row_sources, validate_weights
 
 ROW_FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_weights", "source_ids")
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -336,38 +336,25 @@ class _RenderCache:
     return value
 
 
-class SFTMixtureIterator:
+class SFTMixtureIterator(ShardedBatchIterator):
   """Packed, process-sharded global SFT batches from named chat sources under a per-call mixture."""
 
   def __init__(self, sources: Mapping[str, ChatSource], tokenizer: Any, *, batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1, split: str = "train", overlong: str = "truncate",
                max_cached_tokens: int = 20_000_000):
-    if not sources:
-      raise ValueError("SFTMixtureIterator needs at least one source")
-    if batch_size <= 0:
-      raise ValueError(f"batch_size (per process) must be > 0, found {batch_size}")
-    if process_count <= 0 or not 0 <= process_index < process_count:
-      raise ValueError(f"need 0 <= process_index < process_count, found {process_index} and {process_count}")
-    if split not in ("train", "eval"):
-      raise ValueError(f"split must be 'train' or 'eval', found {split!r}")
+    super().__init__(sources, tokenizer, batch_size=batch_size, seed=seed, process_index=process_index,
+                     process_count=process_count, split=split)
     if overlong not in OVERLONG_POLICIES:
       raise ValueError(f"overlong: expected one of {OVERLONG_POLICIES}, found {overlong!r}")
     self.sources = dict(sources)
-    self.source_names = list(self.sources)
-    self.tokenizer, self.batch_size, self.seed = tokenizer, batch_size, int(seed)
-    self.process_index, self.process_count, self.split, self.overlong = process_index, process_count, split, overlong
+    self.overlong = overlong
     self._streams = {}
     for i, (name, source) in enumerate(self.sources.items()):
       shuffle_seed = int(np.random.SeedSequence([_SEED_SALT, self.seed, i]).generate_state(1)[0])
       self._streams[name] = EpochShuffledIndices(source.split_indices(split), shuffle_seed, split == "train")
     self._cache = _RenderCache(max_cached_tokens)
     self._cursors = {name: 0 for name in self.source_names}
-    self._batch_counter = 0
     self.stats = {"conversations": 0, "truncated": 0, "dropped": 0, "rows": 0, "tokens": 0, "loss_tokens": 0}
-
-  @property
-  def global_batch_size(self) -> int:
-    return self.batch_size * self.process_count
 
   def _conversation(self, name: str, cursor: int, seq_len: int) -> Conversation | None:
     index = self._streams[name][cursor]
