@@ -10,33 +10,8 @@ from nanbeige_jax.data.sft_data import (ArithmeticChatSource, JsonlChatSource, S
                                         build_chat_source, pack_conversations, render_conversation)
 
 
-class CharTokenizer:
-  """A minimal real tokenizer: one id per character (ord + 6), specials at 0..5 (as tests/test_chat_template.py)."""
-  special_ids = {"<pad>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<|endoftext|>": 3, "<think>": 4, "</think>": 5}
-  pad_id = 0
+from chat_fixtures import CONVERSATION, GOLDEN_IDS, CharTokenizer  # noqa: E402
 
-  def encode(self, text):
-    return [ord(c) + 6 for c in text]
-
-  def decode(self, ids):
-    inverse = {v: k for k, v in self.special_ids.items()}
-    return "".join(inverse[i] if i in inverse else chr(i - 6) for i in ids)
-
-  def fingerprint(self):
-    return "char-tokenizer"
-
-
-CONVERSATION = [
-    {"role": "system", "content": "S"},
-    {"role": "user", "content": "Hi"},
-    {"role": "assistant", "reasoning": "r", "content": "A"},
-    {"role": "user", "content": "Q"},
-    {"role": "assistant", "content": "B"},
-]
-# Rendered ids (65 tokens; the same golden as tests/test_chat_template.py).
-GOLDEN_IDS = [1, 121, 127, 121, 122, 107, 115, 16, 89, 2, 16, 1, 123, 121, 107, 120, 16, 78, 111, 2, 16, 1, 103, 121,
-              121, 111, 121, 122, 103, 116, 122, 16, 4, 16, 120, 16, 5, 16, 16, 71, 2, 16, 1, 123, 121, 107, 120, 16,
-              87, 2, 16, 1, 103, 121, 121, 111, 121, 122, 103, 116, 122, 16, 72, 2, 16]
 # Position t predicts token t+1: weight 1 where that token is produced by an assistant turn. Positions 31..39 predict
 # "<think>\nr\n</think>\n\nA<|im_end|>" (ids 32..40), positions 61, 62 predict "B<|im_end|>"; the last position has
 # no target.
