@@ -63,14 +63,13 @@ class Trainer:
 
   def init_state(self, seed: int) -> TrainState:
     """Fresh params (initialised directly into their shardings) and optimizer state."""
-    graphdef, cfg, tx = self.graphdef, self.cfg, self.tx
+    cfg, tx = self.cfg, self.tx
 
     def init():
       model = Decoder(cfg, rngs=nnx.Rngs(seed))
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                         skipped_steps=jnp.zeros((), jnp.int32), bad_streak=jnp.zeros((), jnp.int32))
-    del graphdef
     return jax.jit(init, out_shardings=self.state_shardings)()
 
   def state_from(self, step: int, params: Any, opt_state: Any | None, skipped: int = 0) -> TrainState:
@@ -184,7 +183,7 @@ class Trainer:
     """Host batch -> global sharded arrays. Each process passes its own rows (``process_count`` slices)."""
     out = {}
     for k, v in batch.items():
-      if isinstance(v, jax.Array) and v.is_fully_addressable is False:
+      if isinstance(v, jax.Array) and not v.is_fully_addressable:  # already a global array
         out[k] = v
         continue
       sharding = self.batch_sharding(np.ndim(v))
