@@ -17,7 +17,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
-from nanbeige_jax.model.layers import dtype_of, make_param
+from nanbeige_jax.model.layers import dtype_of, make_param, project
 from nanbeige_jax.model.rope import apply_rope
 from nanbeige_jax.sharding import current_mesh_rules, logical_to_spec, with_logical_constraint
 
@@ -128,9 +128,9 @@ class Attention(nnx.Module):
     (k_cache, v_cache, kv_segment, index) with caches (B,S,K,D), kv_segment (B,S) already holding this call's
     segments, and ``index`` the first slot this call writes. Returns (out, (k_cache, v_cache) or None)."""
     dt = self.dtype
-    q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
+    q = project(x, self.q_proj[...].astype(dt))
+    k = project(x, self.k_proj[...].astype(dt))
+    v = project(x, self.v_proj[...].astype(dt))
     q = with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
     k = with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
     v = with_logical_constraint(v, ("batch", "length", "act_kv_heads", "head_dim"))
@@ -160,4 +160,4 @@ class Attention(nnx.Module):
         raise ValueError(f"unknown attention_impl {impl!r}")
     out = checkpoint_name(with_logical_constraint(out, ("batch", "length", "act_heads", "head_dim")),
                           "attention_out")
-    return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), new_cache
+    return project(out, self.o_proj[...].astype(dt), contract=2), new_cache

@@ -18,7 +18,7 @@ from flax import nnx
 
 from nanbeige_jax.model.attention import Attention
 from nanbeige_jax.model.config import ModelConfig
-from nanbeige_jax.model.layers import MLP, RMSNorm, dtype_of, make_param
+from nanbeige_jax.model.layers import MLP, RMSNorm, dtype_of, make_param, project
 from nanbeige_jax.model.rope import rope_cos_sin
 from nanbeige_jax.sharding import with_logical_constraint
 
@@ -75,7 +75,7 @@ class Decoder(nnx.Module):
     return w.astype(dtype_of(self.cfg.dtype))
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    out = jnp.einsum("btd,dv->btv", hidden, self.head_weight(), preferred_element_type=jnp.float32)
+    out = project(hidden, self.head_weight(), preferred_element_type=jnp.float32)
     return with_logical_constraint(out, ("batch", "length", "act_vocab"))
 
   def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:

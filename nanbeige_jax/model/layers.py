@@ -1,6 +1,7 @@
 """Small building blocks: parameters with logical axis names, RMSNorm, SwiGLU MLP."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -12,6 +13,24 @@ from nanbeige_jax.sharding import with_logical_constraint
 
 def dtype_of(name: str):
   return jnp.dtype(name)
+
+
+def project(x: jax.Array, w: jax.Array, contract: int = 1, preferred_element_type=None) -> jax.Array:
+  """Contract the last ``contract`` axes of x (..., *in) with the first of w (*in, *out) -> (..., *out).
+
+  Runs as ONE 2-D matmul over the flattened leading (token) axes and flattened in/out axes. The math equals
+  ``einsum("btd,dhk->bthk")`` and friends, but the backward pass differs: the weight gradient of a 3-D einsum
+  contracts over two axes (batch and length), which XLA:CPU lowers with transposed copies fused into the
+  elementwise producers (measured 1.4x slower fwd+bwd for the SwiGLU block at 8x256x640x2624); the 2-D form
+  keeps every gradient a plain matmul. Merging leading axes keeps a batch sharding (the major axis) intact.
+  """
+  lead, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
+  if w.shape[:contract] != inner:
+    raise ValueError(f"project: x's last {contract} axes {inner} do not match w's first {w.shape[:contract]}")
+  out = w.shape[contract:]
+  y = jnp.dot(x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), math.prod(out)),
+              preferred_element_type=preferred_element_type)
+  return y.reshape(lead + out)
 
 
 def make_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], dtype, stddev: float | None,
@@ -56,7 +75,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.dtype
-    g = jnp.einsum("btd,df->btf", x, self.gate[...].astype(dt))
-    u = jnp.einsum("btd,df->btf", x, self.up[...].astype(dt))
+    g = project(x, self.gate[...].astype(dt))
+    u = project(x, self.up[...].astype(dt))
     h = with_logical_constraint(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"))
-    return jnp.einsum("btf,fd->btd", h, self.down[...].astype(dt))
+    return project(h, self.down[...].astype(dt))
