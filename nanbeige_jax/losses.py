@@ -18,6 +18,7 @@ invariant to gradient accumulation, data parallelism and packing.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -50,9 +51,12 @@ def _strided_chunks(weight: jax.Array, num_chunks: int, chunk: int) -> jax.Array
 
 
 def _chunk_logits(hidden: jax.Array, weight_chunk: jax.Array, index: jax.Array, num_chunks: int, vocab_size: int):
-  """fp32 logits (B, T, chunk) of chunk ``index`` (vocab ids index + k * num_chunks), padding columns at -inf.
-  Returns (logits, valid)."""
-  logits = jnp.einsum("btd,dc->btc", hidden, weight_chunk, preferred_element_type=jnp.float32)
+  """fp32 logits (..., chunk) of chunk ``index`` (vocab ids index + k * num_chunks) from hidden (..., D), padding
+  columns at -inf. Returns (logits, valid)."""
+  # One 2-D matmul over flattened tokens: its gradients stay plain matmuls (see ``model.layers.project``).
+  lead = hidden.shape[:-1]
+  logits = jnp.dot(hidden.reshape(-1, hidden.shape[-1]), weight_chunk, preferred_element_type=jnp.float32)
+  logits = logits.reshape(lead + (weight_chunk.shape[1],))
   valid = (jnp.arange(weight_chunk.shape[1]) * num_chunks + index) < vocab_size
   return jnp.where(valid, logits, _NEG_INF), valid
 
@@ -68,34 +72,111 @@ def token_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array
   """log p(targets) (B, T) in fp32 from hidden (B, T, D) (any dtype) and the head (D, V), chunked over V.
 
   With ``return_lse`` also returns the fp32 log-partition (B, T) (for z-loss). Targets outside [0, V) (e.g. an
-  ignore id) give finite values (-logsumexp) that must be masked out by the caller's weights."""
+  ignore id) give finite values (-logsumexp) that must be masked out by the caller's weights.
+
+  The gradient is hand-written (``jax.custom_vjp``): per chunk, d logits = onehot * g_lp + p * (g_lse - g_lp) with
+  p = exp(logits - lse), one fused elementwise pass, then the two matmuls into d hidden and d head. Autodiff of the
+  online log-sum-exp instead differentiates through the running max and rescales and turns the target pick into a
+  scatter: several more passes over every (tokens, chunk) tile. With several chunks the backward pass recomputes
+  each chunk's logits (memory stays O(tokens x chunk)); with one chunk (``vocab_chunk >= V``) the forward pass
+  keeps the logits for the backward pass (memory O(tokens x V), one matmul fewer: the fast setting for small
+  vocabularies)."""
   _check_head(hidden, head_weight, "token_logprobs")
   if targets.shape != hidden.shape[:2]:
     raise ValueError(f"token_logprobs: targets {targets.shape} must match hidden's (B, T) = {hidden.shape[:2]}")
-  vocab_size = head_weight.shape[1]
-  num_chunks, chunk = _chunking(vocab_size, vocab_chunk)
-  targets = targets.astype(jnp.int32)
-  target_chunk = jnp.where((targets >= 0) & (targets < vocab_size), targets % num_chunks, -1)
-  target_slot = targets // num_chunks
-
-  @jax.checkpoint
-  def body(carry, xs):
-    running_max, sum_exp, target_logit = carry
-    index, weight_chunk = xs
-    logits, _ = _chunk_logits(hidden, weight_chunk, index, num_chunks, vocab_size)
-    new_max = jax.lax.stop_gradient(jnp.maximum(running_max, logits.max(axis=-1)))
-    sum_exp = sum_exp * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[..., None]).sum(axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.clip(target_slot, 0, chunk - 1)[..., None], axis=-1)[..., 0]
-    target_logit = target_logit + jnp.where(target_chunk == index, picked, 0.0)
-    return (new_max, sum_exp, target_logit), None
-
-  shape = hidden.shape[:2]
-  init = (jnp.full(shape, _NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
-  xs = (jnp.arange(num_chunks), _strided_chunks(head_weight, num_chunks, chunk))
-  (running_max, sum_exp, target_logit), _ = jax.lax.scan(body, init, xs)
-  lse = running_max + jnp.log(sum_exp)
-  logprobs = target_logit - lse
+  num_chunks, chunk = _chunking(head_weight.shape[1], vocab_chunk)
+  logprobs, lse = _logprobs_lse(hidden, head_weight, targets.astype(jnp.int32), num_chunks, chunk)
   return (logprobs, lse) if return_lse else logprobs
+
+
+def _target_mask(targets: jax.Array, index, num_chunks: int, chunk: int, vocab_size: int) -> jax.Array:
+  """(N, chunk) bool: column j of chunk ``index`` (vocab id index + j * num_chunks) is the token's target."""
+  vocab_ids = jnp.arange(chunk, dtype=jnp.int32) * num_chunks + index
+  return (vocab_ids[None, :] == targets[:, None]) & (targets[:, None] < vocab_size)
+
+
+def _logprobs_lse_fwd_impl(hidden, head_weight, targets, num_chunks, chunk):
+  """Forward over flattened tokens. Returns ((logprobs, lse) as (B, T), logits of the single chunk or None)."""
+  b, t, d = hidden.shape
+  vocab_size = head_weight.shape[1]
+  h2, y = hidden.reshape(b * t, d), targets.reshape(b * t)
+
+  def chunk_stats(index, weight_chunk):
+    logits, _ = _chunk_logits(h2, weight_chunk, index, num_chunks, vocab_size)
+    target_logit = jnp.sum(jnp.where(_target_mask(y, index, num_chunks, chunk, vocab_size), logits, 0.0), axis=-1)
+    return logits, logits.max(axis=-1), target_logit
+
+  if num_chunks == 1:
+    logits, m, target_logit = chunk_stats(0, head_weight)  # one chunk: chunk == V (1 divides every V)
+    lse = m + jnp.log(jnp.exp(logits - m[:, None]).sum(axis=-1))
+    saved = logits
+  else:
+    def body(carry, xs):
+      running_max, sum_exp, target_logit = carry
+      logits, m, picked = chunk_stats(*xs)
+      new_max = jnp.maximum(running_max, m)
+      sum_exp = sum_exp * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[:, None]).sum(axis=-1)
+      return (new_max, sum_exp, target_logit + picked), None
+
+    n = b * t
+    init = (jnp.full((n,), _NEG_INF, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+    xs = (jnp.arange(num_chunks), _strided_chunks(head_weight, num_chunks, chunk))
+    (running_max, sum_exp, target_logit), _ = jax.lax.scan(body, init, xs)
+    lse = running_max + jnp.log(sum_exp)
+    saved = None
+  return ((target_logit - lse).reshape(b, t), lse.reshape(b, t)), saved
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _logprobs_lse(hidden, head_weight, targets, num_chunks, chunk):
+  return _logprobs_lse_fwd_impl(hidden, head_weight, targets, num_chunks, chunk)[0]
+
+
+def _logprobs_lse_fwd(hidden, head_weight, targets, num_chunks, chunk):
+  out, saved = _logprobs_lse_fwd_impl(hidden, head_weight, targets, num_chunks, chunk)
+  return out, (hidden, head_weight, targets, out[1], saved)
+
+
+def _logprobs_lse_bwd(num_chunks, chunk, residuals, cotangents):
+  hidden, head_weight, targets, lse, saved = residuals
+  g_lp, g_lse = cotangents
+  b, t, d = hidden.shape
+  vocab_size = head_weight.shape[1]
+  h2, y = hidden.reshape(b * t, d), targets.reshape(b * t)
+  lse, g_lp, g_lse = lse.reshape(-1, 1), g_lp.reshape(-1, 1).astype(jnp.float32), g_lse.reshape(-1, 1).astype(
+      jnp.float32)
+
+  def chunk_grads(index, weight_chunk, logits):
+    """(d hidden contribution (N, D) fp32, d weight chunk (D, chunk))."""
+    p = jnp.exp(logits - lse)  # padding columns hold -inf: p = 0 there
+    onehot = _target_mask(y, index, num_chunks, chunk, vocab_size)
+    dlogits = (jnp.where(onehot, g_lp, 0.0) + p * (g_lse - g_lp)).astype(hidden.dtype)
+    dh = jnp.dot(dlogits, weight_chunk.T, preferred_element_type=jnp.float32)
+    dw = jnp.dot(h2.T, dlogits, preferred_element_type=jnp.float32).astype(head_weight.dtype)
+    return dh, dw
+
+  if num_chunks == 1:
+    dh, dw = chunk_grads(0, head_weight, saved)
+  else:
+    def body(dh, xs):
+      index, weight_chunk = xs
+      logits, _ = _chunk_logits(h2, weight_chunk, index, num_chunks, vocab_size)
+      dh_c, dw_c = chunk_grads(index, weight_chunk, logits)
+      return dh + dh_c, dw_c
+
+    xs = (jnp.arange(num_chunks), _strided_chunks(head_weight, num_chunks, chunk))
+    dh, dw_chunks = jax.lax.scan(body, jnp.zeros((b * t, d), jnp.float32), xs)
+    dw = _unstride_chunks(dw_chunks, vocab_size)
+  return dh.reshape(b, t, d).astype(hidden.dtype), dw, None
+
+
+_logprobs_lse.defvjp(_logprobs_lse_fwd, _logprobs_lse_bwd)
+
+
+def _unstride_chunks(chunks: jax.Array, vocab_size: int) -> jax.Array:
+  """Inverse of ``_strided_chunks``: (num_chunks, D, chunk) -> (D, V)."""
+  num_chunks, d, chunk = chunks.shape
+  return jnp.moveaxis(chunks, 0, 2).reshape(d, chunk * num_chunks)[:, :vocab_size]
 
 
 def chunked_kl(student_hidden: jax.Array, student_w: jax.Array, teacher_hidden: jax.Array, teacher_w: jax.Array, *,
