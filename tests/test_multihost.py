@@ -81,8 +81,13 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run, single_
   for name, value in flat.items():
     assert value.sharding.mesh.shape["fsdp"] == 8
     np.testing.assert_array_equal(np.asarray(value), gathered[name], err_msg=name)
+  # Against the single-process run: the two runs sum the same gradients in a different order (gloo across
+  # processes vs in-process), and Adam divides by sqrt(v) + eps, so an element whose gradient nearly cancels
+  # (measured: embed[5, 48] with |g| = 1.5e-7 in a row whose median |g| is 4.5e-4, so |g| ~ 15 eps) turns ~1e-10 of
+  # rounding into ~1e-6 of parameter. The bound is therefore in units of the largest possible update (lr per
+  # step): every parameter agrees to 1e-4 of one step.
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(ref_params)):
-    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-4 * worker.LR)
   # The optimizer state came back whole: Adam's step count and moments.
   counts = [np.asarray(x) for x in jax.tree.leaves(restored.opt_state) if np.ndim(x) == 0 and
             np.issubdtype(np.asarray(x).dtype, np.integer)]
