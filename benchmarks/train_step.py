@@ -17,6 +17,7 @@ import dataclasses
 import os
 import sys
 import time
+from typing import Callable
 
 from absl import app, flags
 
@@ -34,6 +35,10 @@ flags.DEFINE_string("sharding", "fsdp", "Sharding gin file under configs/shardin
 flags.DEFINE_multi_string("gin_param", [], "Gin bindings (ShardingConfig.*).")
 flags.DEFINE_boolean("torch", True, "On CPU: also time the transformers (torch) step.")
 flags.DEFINE_boolean("peak", True, "On CPU: measure this machine's matmul peak.")
+flags.DEFINE_boolean("malloc_settings", True,
+                     "Restart under nanbeige_jax.host_malloc.SETTINGS (glibc keeps the step's temporaries mapped "
+                     "between steps instead of page-faulting them in every step). Applies to the JAX and the "
+                     "torch step alike: both run in this one process.")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanbeige_jax import distributed  # noqa: E402
@@ -78,14 +83,14 @@ def make_batch(cfg, batch: int, seq_len: int, seed: int = 0):
 
 
 @dataclasses.dataclass
-class JaxResult:
-  step_seconds: float
+class JaxStep:
+  run: Callable[[], float]  # one timed step -> its loss
   compile_seconds: float
   memory: dict
-  losses: list
 
 
-def time_jax_step(cfg, sharding, batch_np, steps: int) -> JaxResult:
+def make_jax_step(cfg, sharding, batch_np) -> JaxStep:
+  """The real train step (Trainer + LM loss + AdamW), compiled ahead of time from abstract shapes, warmed up."""
   import jax
   import jax.numpy as jnp
   from nanbeige_jax import aot
@@ -101,25 +106,23 @@ def time_jax_step(cfg, sharding, batch_np, steps: int) -> JaxResult:
   m = compiled.memory_analysis()
   memory = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
             "temporaries": m.temp_size_in_bytes, "aliased": m.alias_size_in_bytes}
-  state = trainer.init_state(seed=0)
+  holder = {"state": trainer.init_state(seed=0)}
   batch = trainer.put_batch(batch_np)
   lr, theta = jax.device_put(jnp.float32(1e-3), trainer.replicated), jax.device_put(
       jnp.float32(cfg.rope_theta), trainer.replicated)
-  state, metrics = compiled(state, batch, lr, theta)  # warm-up
-  jax.block_until_ready(metrics["loss"])
-  losses, times = [float(metrics["loss"])], []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, batch, lr, theta)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - t0)
-    losses.append(float(metrics["loss"]))
-  return JaxResult(step_seconds=sorted(times)[len(times) // 2], compile_seconds=compile_s, memory=memory,
-                   losses=losses)
+
+  def run() -> float:
+    holder["state"], metrics = compiled(holder["state"], batch, lr, theta)
+    jax.block_until_ready((holder["state"], metrics))
+    return float(metrics["loss"])
+
+  run()  # warm-up
+  return JaxStep(run=run, compile_seconds=compile_s, memory=memory)
 
 
-def time_torch_step(cfg, batch_np, steps: int) -> float:
-  """Median step time of transformers' LlamaForCausalLM (fp32, AdamW, clip 1.0) on the same batch."""
+def make_torch_step(cfg, batch_np, warmup: int = 3) -> Callable[[], float]:
+  """transformers' LlamaForCausalLM (fp32, AdamW, clip 1.0) on the same batch, warmed up (a few steps: glibc's
+  dynamic mmap threshold needs them to settle, and the first steps are measurably slower)."""
   import torch
   import torch.nn.functional as F
   from transformers import LlamaConfig, LlamaForCausalLM
@@ -136,27 +139,87 @@ def time_torch_step(cfg, batch_np, steps: int) -> float:
   inputs = torch.from_numpy(batch_np["inputs"]).long()
   targets = torch.from_numpy(batch_np["targets"]).long()
 
-  def step():
+  def run() -> float:
     logits = model(input_ids=inputs).logits
     loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return loss
+    return float(loss)
 
-  step()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return sorted(times)[len(times) // 2]
+  for _ in range(warmup):
+    run()
+  return run
+
+
+def _torch_worker(conn, cfg, batch_np) -> None:
+  """Child process: build the torch step, then time one step per request until told to stop."""
+  try:
+    run = make_torch_step(cfg, batch_np)
+    conn.send(("ready", None))
+    while conn.recv() == "step":
+      conn.send(("ok", timed(run)))
+  except BaseException as e:  # report, don't hang the parent
+    conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class TorchStepProcess:
+  """The torch step in its own process, stepped on request: the two frameworks keep their own heaps (in one
+  process, whichever runs second reuses pages the first one faulted in), while interleaving one JAX step with one
+  torch step exposes both to the same moments of a shared machine. The child inherits the environment, so both
+  run under the same allocator settings (``host_malloc.SETTINGS`` when active: they spare torch's large
+  per-step tensors the same page faults)."""
+
+  def __init__(self, cfg, batch_np, timeout_s: float = 1800.0):
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    self.timeout_s = timeout_s
+    self.conn, child = ctx.Pipe()
+    self.proc = ctx.Process(target=_torch_worker, args=(child, cfg, batch_np), daemon=True)
+    self.proc.start()
+    self._receive()
+
+  def _receive(self):
+    if not self.conn.poll(self.timeout_s):
+      self.close()
+      raise TimeoutError(f"torch step process gave no answer within {self.timeout_s:.0f}s")
+    kind, value = self.conn.recv()
+    if kind == "error":
+      self.close()
+      raise RuntimeError(f"torch step process failed: {value}")
+    return value
+
+  def __call__(self) -> tuple[float, float]:
+    self.conn.send("step")
+    return self._receive()
+
+  def close(self) -> None:
+    try:
+      self.conn.send("stop")
+    except (BrokenPipeError, OSError):
+      pass
+    self.proc.join(timeout=30)
+    if self.proc.is_alive():
+      self.proc.kill()
+
+
+def timed(fn: Callable[[], float]) -> tuple[float, float]:
+  t0 = time.perf_counter()
+  loss = fn()
+  return time.perf_counter() - t0, loss
+
+
+def median(xs: list[float]) -> float:
+  return sorted(xs)[len(xs) // 2]
 
 
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+  from nanbeige_jax import host_malloc
+  if FLAGS.malloc_settings:
+    host_malloc.reexec_with_malloc_settings()
   info = distributed.initialize_from_flags()
   import jax
   from nanbeige_jax import metrics
@@ -173,46 +236,55 @@ def main(argv: list[str]) -> int:
   print(f"config: preset={FLAGS.preset} {cfg.num_params() / 1e6:.1f}M params (d={cfg.hidden_size}, "
         f"L={cfg.num_layers}, V={cfg.vocab_size}), batch {FLAGS.batch} x seq {FLAGS.seq_len} = {tokens} tokens, "
         f"dtype={cfg.dtype}, remat={cfg.remat_policy}, scan_layers={cfg.scan_layers}, "
-        f"vocab_chunk={FLAGS.vocab_chunk}, {jax.device_count()} x {device.device_kind}; {info.describe()}",
+        f"vocab_chunk={FLAGS.vocab_chunk}, {jax.device_count()} x {device.device_kind}; {info.describe()}; "
+        f"malloc={'host_malloc.SETTINGS' if host_malloc.active() else 'default'}",
         flush=True)
   peak = metrics.device_peak_flops(device)
   peak_note = "vendor peak"
-  cpu_peaks = []
   measure_peak = on_cpu and FLAGS.peak
+  with_torch = on_cpu and FLAGS.torch
+  jax_step = make_jax_step(cfg, sharding, batch)
+  torch_step = TorchStepProcess(cfg, batch) if with_torch else None
+  # Interleaved rounds (jax step, torch step, matmul peak): a busy moment on a shared machine hits all three
+  # alike instead of one framework's whole measurement.
+  jax_times, torch_times, jax_losses, cpu_peaks = [], [], [], []
+  for _ in range(FLAGS.steps):
+    dt, loss = timed(jax_step.run)
+    jax_times.append(dt)
+    jax_losses.append(loss)
+    if torch_step is not None:
+      torch_times.append(torch_step()[0])
+    if measure_peak:
+      cpu_peaks.append(metrics.measure_cpu_peak_flops(n=2048, repeats=3))
+  if torch_step is not None:
+    torch_step.close()
   if measure_peak:
-    cpu_peaks.append(metrics.measure_cpu_peak_flops(n=2048, repeats=5))
-  result = time_jax_step(cfg, sharding, batch, FLAGS.steps)
-  if measure_peak:
-    # Measured again after the step (and after torch below); the best is the peak, so a busy moment during
-    # one measurement lowers MFU rather than inflating it.
-    cpu_peaks.append(metrics.measure_cpu_peak_flops(n=2048, repeats=5))
+    # The best measurement is the peak, so a busy moment during one lowers MFU rather than inflating it.
     peak = max(cpu_peaks)
-    peak_note = f"best measured fp32 2048^3 matmul of {len(cpu_peaks)} measurements"
-  tok_s = tokens / result.step_seconds
+    peak_note = f"best of {len(cpu_peaks)} fp32 2048^3 matmul measurements, interleaved with the steps"
+  step_s = median(jax_times)
+  tok_s = tokens / step_s
   model_flops_s = flops_tok * tok_s
-  print(f"jax:     step {result.step_seconds * 1e3:9.1f} ms  {tok_s:9.0f} tok/s  "
+  print(f"jax:     step {step_s * 1e3:9.1f} ms  {tok_s:9.0f} tok/s  "
         f"model FLOPs/token {flops_tok:.3e}  achieved {model_flops_s / 1e9:.1f} GFLOP/s  "
-        f"(compile {result.compile_seconds:.1f}s, losses {result.losses[0]:.3f} -> {result.losses[-1]:.3f})")
-  mem = result.memory
+        f"(median of {len(jax_times)}: {' '.join(f'{t * 1e3:.0f}' for t in jax_times)} ms; compile "
+        f"{jax_step.compile_seconds:.1f}s; losses {jax_losses[0]:.3f} -> {jax_losses[-1]:.3f})")
+  mem = jax_step.memory
   print(f"compiled memory: arguments {format_bytes(mem['arguments'])}, outputs {format_bytes(mem['outputs'])} "
         f"({format_bytes(mem['aliased'])} aliased), temporaries {format_bytes(mem['temporaries'])}")
   if peak:
     total_peak = peak * (1 if on_cpu else jax.device_count())
     print(f"MFU: {100 * model_flops_s / total_peak:.1f}% of {total_peak / 1e9:.1f} GFLOP/s ({peak_note})")
-  if on_cpu and FLAGS.torch:
-    torch_s = time_torch_step(cfg, batch, FLAGS.steps)
+  if torch_times:
+    torch_s = median(torch_times)
     torch_tok_s = tokens / torch_s
-    if measure_peak:
-      cpu_peaks.append(metrics.measure_cpu_peak_flops(n=2048, repeats=5))
-      if max(cpu_peaks) > peak:
-        peak = max(cpu_peaks)
-        print(f"MFU (re-based on a higher later peak measurement): {100 * model_flops_s / peak:.1f}% of "
-              f"{peak / 1e9:.1f} GFLOP/s")
-    line = f"torch:   step {torch_s * 1e3:9.1f} ms  {torch_tok_s:9.0f} tok/s"
+    line = (f"torch:   step {torch_s * 1e3:9.1f} ms  {torch_tok_s:9.0f} tok/s  (median of {len(torch_times)}: "
+            f"{' '.join(f'{t * 1e3:.0f}' for t in torch_times)} ms)")
     if peak:
       line += f"  MFU {100 * flops_tok * torch_tok_s / peak:.1f}%"
     print(line)
-    print(f"speed ratio jax/torch: {torch_s / result.step_seconds:.2f}x")
+    ratios = sorted(t / j for t, j in zip(torch_times, jax_times))
+    print(f"speed ratio jax/torch: {torch_s / step_s:.2f}x (per round: {' '.join(f'{r:.2f}' for r in ratios)})")
   return 0
 
 
