@@ -2,14 +2,18 @@
 
   python benchmarks/train_step.py --preset small --batch 8 --seq_len 256 [--steps 5] [--remat none]
       [--dtype float32] [--vocab_chunk 8192] [--sharding fsdp --gin_param 'ShardingConfig.fsdp = 1']
-      [--torch / --notorch] [--set model.num_layers=4]
+      [--torch / --notorch] [--set num_layers=4 --set scan_layers=false] [--nomalloc_settings]
+
+  The CPU configuration of the README's figures: --set scan_layers=false --vocab_chunk 32768
 
 The step is the real one (``Trainer`` + ``make_lm_loss`` + AdamW with clipping), compiled ahead of time from
 abstract shapes (that executable is the one timed, and its ``memory_analysis()`` is the compiled memory). MFU is
 model FLOPs (``ModelConfig.flops_per_token``: 6N over matmul params + causal attention counted half) per second
 over the peak: the device table (``nanbeige_jax.metrics.PEAK_FLOPS``) on accelerators; on CPU this machine's
-measured matmul peak, and the same configuration's step in ``transformers`` (torch ``LlamaForCausalLM``, AdamW,
-same batch and sequence, fp32) is timed in the same run for a speed ratio.
+measured matmul peak (best of several measurements interleaved with the steps), and the same configuration's step
+in ``transformers`` (torch ``LlamaForCausalLM``, AdamW, same batch and sequence, fp32) is timed in the same run, in
+a child process, one JAX step and one torch step per round, for a speed ratio. The process restarts itself under
+``nanbeige_jax.host_malloc.SETTINGS`` first (``--nomalloc_settings`` to compare without).
 """
 from __future__ import annotations
 
@@ -89,8 +93,9 @@ class JaxStep:
   memory: dict
 
 
-def make_jax_step(cfg, sharding, batch_np) -> JaxStep:
-  """The real train step (Trainer + LM loss + AdamW), compiled ahead of time from abstract shapes, warmed up."""
+def make_jax_step(cfg, sharding, batch_np, warmup: int = 3) -> JaxStep:
+  """The real train step (Trainer + LM loss + AdamW), compiled ahead of time from abstract shapes, warmed up with
+  as many steps as the torch step gets (the first steps grow the heap)."""
   import jax
   import jax.numpy as jnp
   from nanbeige_jax import aot
@@ -116,7 +121,8 @@ def make_jax_step(cfg, sharding, batch_np) -> JaxStep:
     jax.block_until_ready((holder["state"], metrics))
     return float(metrics["loss"])
 
-  run()  # warm-up
+  for _ in range(warmup):
+    run()
   return JaxStep(run=run, compile_seconds=compile_s, memory=memory)
 
 
