@@ -101,6 +101,15 @@ def current_mesh_rules() -> tuple[Mesh, Rules] | None:
   return _CONTEXT.get()
 
 
+def target_platform() -> str:
+  """The platform the code being traced is compiled for: that of the active mesh's devices (a TPU topology's when
+  compiling ahead of time on a CPU host), else JAX's default backend."""
+  ctx = _CONTEXT.get()
+  if ctx is not None:
+    return ctx[0].devices.flat[0].platform
+  return jax.default_backend()
+
+
 def with_logical_constraint(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   ctx = _CONTEXT.get()
   if ctx is None:
