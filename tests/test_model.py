@@ -161,3 +161,27 @@ def test_splash_under_shard_map_on_8_devices(mesh_kw):
   with use_mesh_rules(make_mesh(**mesh_kw)):
     out = jax.jit(splash_attention)(q, k, v, seg)
   np.testing.assert_allclose(out, _xla_reference(q, k, v, seg), atol=2e-5)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_project_forms_equal_einsum_values_and_grads(platform, monkeypatch):
+  """Both forms of ``layers.project`` (flat 2-D matmul for CPU targets, batched dot_general elsewhere) compute the
+  einsum they replace, gradients included."""
+  from nanbeige_jax.model import layers
+  monkeypatch.setattr(layers, "target_platform", lambda: platform)
+  k = jax.random.split(jax.random.PRNGKey(3), 4)
+  x, w = jax.random.normal(k[0], (2, 5, 8)), jax.random.normal(k[1], (8, 3, 4))
+  a, wo = jax.random.normal(k[2], (2, 5, 3, 4)), jax.random.normal(k[3], (3, 4, 8))
+  hp = jax.lax.Precision.HIGHEST
+  with jax.default_matmul_precision("highest"):
+    got = layers.project(x, w)
+    np.testing.assert_allclose(got, jnp.einsum("btd,dhk->bthk", x, w, precision=hp), rtol=1e-6, atol=1e-6)
+    got2 = layers.project(a, wo, contract=2)
+    np.testing.assert_allclose(got2, jnp.einsum("bthk,hkd->btd", a, wo, precision=hp), rtol=1e-6, atol=1e-6)
+    g = jax.grad(lambda x, w: jnp.sum(jnp.sin(layers.project(x, w))), argnums=(0, 1))(x, w)
+    g_ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(jnp.einsum("btd,dhk->bthk", x, w, precision=hp))),
+                     argnums=(0, 1))(x, w)
+  for u, v in zip(g, g_ref):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="do not match"):
+    layers.project(x, wo, contract=2)
