@@ -64,8 +64,8 @@ def find_max_batch(cfg, sharding, start: int, step: int):
     if batch not in results:
       results[batch] = _compile(cfg, sharding, batch)
       r = results[batch]
-      print(f"  global batch {batch:5d}: {aot.format_bytes(r.memory.total)} per device -> "
-            f"{'fits' if r.memory.fits else 'does not fit'}", flush=True)
+      need = "compiler out of HBM" if r.memory.refused else f"{aot.format_bytes(r.memory.total)} per device"
+      print(f"  global batch {batch:5d}: {need} -> {'fits' if r.memory.fits else 'does not fit'}", flush=True)
     return results[batch].memory.fits
 
   lo, hi = None, start

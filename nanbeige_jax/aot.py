@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Any
 
 import jax
@@ -75,6 +76,8 @@ class MemoryReport:
   aliased: int
   generated_code: int
   hbm: int
+  # Set when the TPU compiler itself refused the program for lack of HBM (no memory analysis then): its message.
+  refused: str | None = None
 
   @property
   def total(self) -> int:
@@ -83,13 +86,15 @@ class MemoryReport:
 
   @property
   def fits(self) -> bool:
-    return self.total <= self.hbm
+    return self.refused is None and self.total <= self.hbm
 
   @property
   def over_by(self) -> int:
     return self.total - self.hbm
 
   def format(self) -> str:
+    if self.refused is not None:
+      return f"  the compiler ran out of HBM: {self.refused}"
     lines = [f"  arguments    {format_bytes(self.arguments):>11}   (params, optimizer state, batch)",
              f"  outputs      {format_bytes(self.outputs):>11}   ({format_bytes(self.aliased)} aliased to donated "
              f"arguments)",
@@ -169,14 +174,24 @@ def compile_for_topology(model_cfg: ModelConfig, topology: str | TopologySpec, *
   if (global_batch // microbatches) % batch_devices:
     raise ValueError(f"micro-batch of {global_batch // microbatches} rows cannot be split over the "
                      f"{batch_devices} batch shards of mesh {dict(trainer.mesh.shape)}")
-  t0 = time.perf_counter()
-  compiled = trainer.lower_train_step(batch_shapes(global_batch, seq_len)).compile()
-  seconds = time.perf_counter() - t0
   hbm_per_device = spec.hbm_per_chip * spec.chips // len(devices)
+  t0 = time.perf_counter()
+  try:
+    compiled = trainer.lower_train_step(batch_shapes(global_batch, seq_len)).compile()
+    memory = memory_report(compiled, hbm_per_device)
+  except jax.errors.JaxRuntimeError as e:
+    # Far over, the TPU compiler stops before a memory analysis exists ("RESOURCE_EXHAUSTED: Ran out of memory in
+    # memory space hbm ..."): that is an answer (does not fit), not a crash.
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text:
+      raise
+    detail = re.search(r"Ran out of memory[^\n]*", text)
+    memory = MemoryReport(arguments=0, outputs=0, temporaries=0, aliased=0, generated_code=0, hbm=hbm_per_device,
+                          refused=detail.group(0) if detail else text.splitlines()[0][:300])
+  seconds = time.perf_counter() - t0
   flops = model_cfg.flops_per_token(seq_len) * global_batch * seq_len
   return AotResult(topology=spec, global_batch=global_batch, seq_len=seq_len, microbatches=microbatches,
-                   memory=memory_report(compiled, hbm_per_device), flops_per_step=flops, devices=len(devices),
-                   compile_seconds=seconds)
+                   memory=memory, flops_per_step=flops, devices=len(devices), compile_seconds=seconds)
 
 
 def format_result(result: AotResult, model_cfg: ModelConfig) -> str:
@@ -190,6 +205,9 @@ def format_result(result: AotResult, model_cfg: ModelConfig) -> str:
            f"per token); at 50% MFU a step takes {r.step_seconds_at(0.5):.2f}s on {r.topology.chips} chips"]
   if r.memory.fits:
     lines.append(f"FITS: {format_bytes(-r.memory.over_by)} of HBM left per device")
+  elif r.memory.refused is not None:
+    lines.append(f"DOES NOT FIT: the TPU compiler ran out of the {format_bytes(r.memory.hbm)} of HBM per device "
+                 f"({r.memory.refused})")
   else:
     lines.append(f"DOES NOT FIT: needs {format_bytes(r.memory.total)} per device, "
                  f"{format_bytes(r.memory.over_by)} ({100 * r.memory.over_by / r.memory.hbm:.1f}%) over the "

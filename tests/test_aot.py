@@ -58,3 +58,30 @@ def test_launcher_exits_nonzero_when_over_hbm():
   assert out.returncode == 1, out.stdout + out.stderr[-3000:]
   assert "DOES NOT FIT: needs" in out.stdout and "over the 1.02 MiB of HBM" in out.stdout
   assert "model FLOPs/step" in out.stdout
+
+
+def test_compiler_out_of_memory_is_a_does_not_fit_answer(devices, monkeypatch):
+  """Far over HBM the TPU compiler stops before any memory analysis exists (seen at batch 320 on v5p-8): the
+  result is "does not fit" with the compiler's words, so --find_max_batch keeps bisecting instead of crashing."""
+  import jax
+  from nanbeige_jax.train.loop import Trainer
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+             "(101.43G) exceeds available HBM (95.74G).")
+
+  class Refusing:
+    def compile(self):
+      raise jax.errors.JaxRuntimeError(message)
+
+  monkeypatch.setattr(Trainer, "lower_train_step", lambda self, shapes: Refusing())
+  result = aot.compile_for_topology(CFG, "v5e-4", global_batch=8, seq_len=128, devices=devices)
+  assert not result.memory.fits and "101.43G" in result.memory.refused
+  text = aot.format_result(result, CFG)
+  assert "DOES NOT FIT: the TPU compiler ran out of the 16.00 GiB of HBM per device" in text and "95.74G" in text
+
+  class Broken:
+    def compile(self):
+      raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+  monkeypatch.setattr(Trainer, "lower_train_step", lambda self, shapes: Broken())
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    aot.compile_for_topology(CFG, "v5e-4", global_batch=8, seq_len=128, devices=devices)
