@@ -101,7 +101,11 @@ class Decoder(nnx.Module):
       positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
     theta = cfg.rope_theta if rope_theta is None else rope_theta
     cos, sin = rope_cos_sin(positions, cfg.head_dim, theta)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    # Gather from the table with only its vocabulary axis sharded: FSDP gathers the embed axis for the lookup, as
+    # for any weight. Gathering from an embed-sharded table leaves the rows' features split over the axis the batch
+    # wants, a reshard the SPMD partitioner can only do by replicating the whole activation.
+    table = with_logical_constraint(self.embed[...], ("vocab", None))
+    x = jnp.take(table, tokens, axis=0).astype(dt)
     x = with_logical_constraint(x, ("batch", "length", "act_embed"))
 
     if cache is not None:
