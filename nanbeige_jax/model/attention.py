@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec
 
 from nanbeige_jax.model.layers import dtype_of, make_param, project
 from nanbeige_jax.model.rope import apply_rope
-from nanbeige_jax.sharding import current_mesh_rules, logical_to_spec, with_logical_constraint
+from nanbeige_jax.sharding import current_mesh_rules, logical_to_spec, target_platform, with_logical_constraint
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -49,9 +49,9 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
 def cudnn_attention(q, k, v, segment_ids, implementation: str = "cudnn"):
   """``jax.nn.dot_product_attention`` (cuDNN flash attention on NVIDIA GPUs). ``implementation="xla"`` runs the
   same call through XLA anywhere (tests use it to check the masking on CPU)."""
-  if implementation == "cudnn" and jax.devices()[0].platform != "gpu":
+  if implementation == "cudnn" and target_platform() != "gpu":
     raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU, found platform "
-                     f"{jax.devices()[0].platform!r}; use attention_impl='auto' or 'xla'")
+                     f"{target_platform()!r}; use attention_impl='auto' or 'xla'")
   if segment_ids is None:
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
   idx = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
@@ -63,7 +63,7 @@ def splash_attention(q, k, v, segment_ids, interpret: bool | None = None):
   """Pallas splash attention (TPU). q (B,T,H,D), k/v (B,S,K,D); causal within segments. Off TPU the kernel runs
   in Pallas interpret mode (slow, exact: what the CPU tests check against the XLA path)."""
   if interpret is None:
-    interpret = jax.devices()[0].platform != "tpu"
+    interpret = target_platform() != "tpu"
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -108,8 +108,7 @@ def splash_attention(q, k, v, segment_ids, interpret: bool | None = None):
 def resolve_impl(impl: str) -> str:
   if impl != "auto":
     return impl
-  platform = jax.devices()[0].platform
-  return {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
+  return {"tpu": "splash", "gpu": "cudnn"}.get(target_platform(), "xla")
 
 
 class Attention(nnx.Module):
