@@ -42,7 +42,7 @@ flags.DEFINE_boolean("peak", True, "On CPU: measure this machine's matmul peak."
 flags.DEFINE_boolean("malloc_settings", True,
                      "Restart under nanbeige_jax.host_malloc.SETTINGS (glibc keeps the step's temporaries mapped "
                      "between steps instead of page-faulting them in every step). Applies to the JAX and the "
-                     "torch step alike: both run in this one process.")
+                     "torch step alike: the torch child process inherits the environment.")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanbeige_jax import distributed  # noqa: E402
@@ -289,7 +289,7 @@ def main(argv: list[str]) -> int:
     if peak:
       line += f"  MFU {100 * flops_tok * torch_tok_s / peak:.1f}%"
     print(line)
-    ratios = sorted(t / j for t, j in zip(torch_times, jax_times))
+    ratios = [t / j for t, j in zip(torch_times, jax_times)]  # in round order
     print(f"speed ratio jax/torch: {torch_s / step_s:.2f}x (per round: {' '.join(f'{r:.2f}' for r in ratios)})")
   return 0
 
