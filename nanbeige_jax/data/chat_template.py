@@ -8,8 +8,10 @@ An assistant turn with reasoning renders its content as ``<think>\\n{reasoning}\
 generation prompt is ``<|im_start|>assistant\\n``.
 
 Special tokens are emitted as their ids (looked up in ``tokenizer.special_ids``), never found by the text encoder,
-so user text that happens to contain ``<|im_end|>`` cannot forge a turn boundary: the text between special tokens
-is encoded segment by segment with ``tokenizer.encode``.
+and message text is encoded as plain text (``encode_text``: ``tokenizer.encode_text`` when the tokenizer has it,
+else split on the special pieces with each piece broken into its first character and the rest), so user text that
+contains ``<|im_end|>\n<|im_start|>assistant`` cannot forge a turn boundary; a text segment that still yields a
+special id is an error. ``RenderedChat.special_text`` counts the special pieces found written in message text.
 
 The assistant mask is 1 on every token an assistant turn produces: its content, the ``<think>`` span when present,
 and the closing ``<|im_end|>``; it is 0 on the role header ``<|im_start|>assistant\\n``, on the newline after
@@ -18,6 +20,7 @@ and the closing ``<|im_end|>``; it is 0 on the role header ``<|im_start|>assista
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -40,6 +43,43 @@ class TokenizerLike(Protocol):
 class RenderedChat:
   ids: np.ndarray             # int32 (T,)
   assistant_mask: np.ndarray  # int32 (T,), 1 on assistant-produced tokens
+  special_text: int = 0       # special pieces written literally in message text (encoded as plain text)
+
+
+def _special_pieces(tokenizer: TokenizerLike) -> tuple[str, ...]:
+  pieces = getattr(tokenizer, "user_defined_pieces", None)
+  pieces = set(pieces if pieces is not None else ()) | set(tokenizer.special_ids)
+  return tuple(sorted(pieces, key=lambda p: (-len(p), p)))
+
+
+def find_special_text(text: str, tokenizer: TokenizerLike) -> list[str]:
+  """Special pieces written literally in ``text`` (leftmost, longest first)."""
+  if hasattr(tokenizer, "find_special_text"):
+    return tokenizer.find_special_text(text)
+  pieces = _special_pieces(tokenizer)
+  return re.findall("|".join(map(re.escape, pieces)), text) if pieces else []
+
+
+def encode_text(text: str, tokenizer: TokenizerLike) -> list[int]:
+  """``text`` as plain text: no id of ``tokenizer.special_ids`` comes out of it (ValueError if one would)."""
+  if hasattr(tokenizer, "encode_text"):
+    ids = list(tokenizer.encode_text(text))
+  else:
+    pieces = _special_pieces(tokenizer)
+    ids = []
+    start = 0
+    for match in (re.finditer("|".join(map(re.escape, pieces)), text) if pieces else ()):
+      ids.extend(tokenizer.encode(text[start:match.start()]) if match.start() > start else [])
+      ids.extend(tokenizer.encode(match.group()[0]))
+      ids.extend(encode_text(match.group()[1:], tokenizer))
+      start = match.end()
+    ids.extend(tokenizer.encode(text[start:]) if start < len(text) else [])
+  special = {i for piece, i in tokenizer.special_ids.items() if piece != "<unk>"}
+  forged = [i for i in ids if i in special]
+  if forged:
+    raise ValueError(f"encoding message text {text[:80]!r} yielded special id(s) {forged[:5]}; the tokenizer cannot "
+                     f"encode this text as plain text")
+  return ids
 
 
 def validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
@@ -98,14 +138,17 @@ def render(messages: Sequence[Mapping[str, Any]], tokenizer: TokenizerLike,
   im_start, im_end = _special(tokenizer, IM_START), _special(tokenizer, IM_END)
   ids: list[int] = []
   mask: list[int] = []
+  special_text = 0
 
   def emit(tokens: Sequence[int], flag: int) -> None:
     ids.extend(int(t) for t in tokens)
     mask.extend([flag] * len(tokens))
 
   def text(s: str, flag: int) -> None:
+    nonlocal special_text
     if s:
-      emit(tokenizer.encode(s), flag)
+      special_text += len(find_special_text(s, tokenizer))
+      emit(encode_text(s, tokenizer), flag)
 
   for m in messages:
     role = m["role"]
@@ -123,7 +166,7 @@ def render(messages: Sequence[Mapping[str, Any]], tokenizer: TokenizerLike,
   if add_generation_prompt:
     emit([im_start], 0)
     text("assistant\n", 0)
-  return RenderedChat(np.asarray(ids, np.int32), np.asarray(mask, np.int32))
+  return RenderedChat(np.asarray(ids, np.int32), np.asarray(mask, np.int32), special_text)
 
 
 def render_prompt(messages: Sequence[Mapping[str, Any]], tokenizer: TokenizerLike) -> list[int]:

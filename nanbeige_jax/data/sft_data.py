@@ -5,8 +5,9 @@ assistant turns) with a train and an eval split:
 
 * ``jsonl``: one JSON object per line with a ``messages`` list (other fields, e.g. provenance, are ignored). Lines
   are indexed by byte offset once and parsed on access, so a large file is never held in memory; a bad line fails
-  with ``path:line`` and what is wrong. Documents are assigned to the eval split by a stable hash of the line
-  number (``eval_fraction``).
+  with ``path:line`` and what is wrong. A conversation is assigned to the eval split by a hash of its record's
+  bytes (``eval_fraction``), so adding, removing or reordering files never moves a conversation between train and
+  eval (identical records share a split).
 * ``arithmetic``: the built-in task's problems as chats: user = question + ``ARITHMETIC_INSTRUCTION`` (the same
   prompt ``nanbeige_jax.eval`` asks at evaluation), assistant = the worked solution as ``reasoning`` (the
   ``<think>`` span) and the final ``The answer is N.`` line as ``content``. Train = the task's train split,
@@ -21,8 +22,11 @@ no target (weight 0).
 Packing (``pack_row``): whole conversations, next-fit, in stream order, each a segment (ids 1, 2, ...) with
 positions restarting at 0, the row's tail padded (segment 0, weight 0); the model's ``segment_ids`` keep attention
 inside each conversation. A conversation is never split across rows (a continuation would lose its prompt).
-Overlong conversations are truncated to ``seq_len`` (``overlong="truncate"``) or dropped (``"drop"``);
-conversations with no assistant token left are dropped. Both are counted (``SFTMixtureIterator.stats``).
+Overlong conversations are dropped (``overlong="drop"``, the default: a truncated assistant turn has no
+``<|im_end|>`` and would teach the model never to stop) or truncated to ``seq_len`` (``"truncate"``); conversations
+with no assistant token left are dropped. Both are counted (``SFTMixtureIterator.stats``), as are conversations
+whose message text writes chat markup such as ``<|im_end|>`` (``special_text``: rendered as plain text, never as
+the control ids; see ``chat_template``).
 
 ``SFTMixtureIterator`` mirrors the pre-training ``MixtureIterator``: every row of the *global* batch draws its
 source by systematic sampling under the per-call weights (``mixture.draw_row_sources``), each source is an
@@ -88,8 +92,12 @@ class ChatSource:
     return self.kind
 
 
-def _hash_fraction(index: int, salt: str) -> float:
-  digest = hashlib.sha256(f"{salt}:{index}".encode()).digest()
+_EVAL_SPLIT_SALT = b"nanbeige_jax.sft.eval_split:"
+
+
+def content_fraction(record: bytes) -> float:
+  """A record's position in [0, 1) for the train/eval split: a hash of its bytes (surrounding whitespace ignored)."""
+  digest = hashlib.sha256(_EVAL_SPLIT_SALT + record.strip()).digest()
   return int.from_bytes(digest[:8], "little") / 2**64
 
 
@@ -115,23 +123,25 @@ class JsonlChatSource(ChatSource):
     self.messages_field = messages_field
     self.eval_fraction = float(eval_fraction)
     self._index: list[tuple[int, int, int]] | None = None  # (file number, byte offset, line number)
+    self._fractions: list[float] | None = None  # content_fraction of each record
 
   def describe(self) -> str:
     return f"jsonl {', '.join(map(str, self.paths))}"
 
   def _lines(self) -> list[tuple[int, int, int]]:
     if self._index is None:
-      index = []
+      index, fractions = [], []
       for file_number, path in enumerate(self.paths):
         with open(path, "rb") as f:
           offset = 0
           for line_number, line in enumerate(f, start=1):
             if line.strip():
               index.append((file_number, offset, line_number))
+              fractions.append(content_fraction(line))
             offset += len(line)
       if not index:
         raise ValueError(f"chat source {self.name!r}: {self.describe()} holds no records")
-      self._index = index
+      self._index, self._fractions = index, fractions
     return self._index
 
   def num_conversations(self) -> int:
@@ -152,8 +162,8 @@ class JsonlChatSource(ChatSource):
       self.conversation(i)
 
   def _eval_mask(self) -> np.ndarray:
-    n = self.num_conversations()
-    return np.array([_hash_fraction(i, self.name) < self.eval_fraction for i in range(n)], bool)
+    self._lines()
+    return np.array(self._fractions, np.float64) < self.eval_fraction
 
 
 def parse_chat_record(raw: bytes | str, where: str, messages_field: str = "messages") -> list[dict[str, Any]]:
@@ -250,10 +260,11 @@ class Conversation:
   ids: np.ndarray       # int32 (n,)
   weights: np.ndarray   # float32 (n,): weights[t] = assistant_mask[t + 1]; weights[-1] = 0
   truncated: bool
+  special_text: bool = False  # its message text wrote chat markup (rendered as plain text)
 
 
 def render_conversation(messages: Sequence[Mapping[str, Any]], tokenizer: Any, *, max_len: int,
-                        overlong: str = "truncate") -> Conversation | None:
+                        overlong: str = "drop") -> Conversation | None:
   """Rendered ids and per-position loss weights (None: dropped, too long under ``"drop"`` or nothing to learn)."""
   if overlong not in OVERLONG_POLICIES:
     raise ValueError(f"overlong: expected one of {OVERLONG_POLICIES}, found {overlong!r}")
@@ -268,7 +279,7 @@ def render_conversation(messages: Sequence[Mapping[str, Any]], tokenizer: Any, *
   weights[:-1] = mask[1:]
   if not weights.any():
     return None
-  return Conversation(ids.astype(np.int32), weights, truncated)
+  return Conversation(ids.astype(np.int32), weights, truncated, rendered.special_text > 0)
 
 
 def empty_rows(num_rows: int, seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
@@ -340,7 +351,7 @@ class SFTMixtureIterator(ShardedBatchIterator):
   """Packed, process-sharded global SFT batches from named chat sources under a per-call mixture."""
 
   def __init__(self, sources: Mapping[str, ChatSource], tokenizer: Any, *, batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1, split: str = "train", overlong: str = "truncate",
+               process_index: int = 0, process_count: int = 1, split: str = "train", overlong: str = "drop",
                max_cached_tokens: int = 20_000_000):
     super().__init__(sources, tokenizer, batch_size=batch_size, seed=seed, process_index=process_index,
                      process_count=process_count, split=split)
@@ -354,7 +365,8 @@ class SFTMixtureIterator(ShardedBatchIterator):
       self._streams[name] = EpochShuffledIndices(source.split_indices(split), shuffle_seed, split == "train")
     self._cache = _RenderCache(max_cached_tokens)
     self._cursors = {name: 0 for name in self.source_names}
-    self.stats = {"conversations": 0, "truncated": 0, "dropped": 0, "rows": 0, "tokens": 0, "loss_tokens": 0}
+    self.stats = {"conversations": 0, "truncated": 0, "dropped": 0, "special_text": 0, "rows": 0, "tokens": 0,
+                  "loss_tokens": 0}
 
   def _conversation(self, name: str, cursor: int, seq_len: int) -> Conversation | None:
     index = self._streams[name][cursor]
@@ -385,6 +397,7 @@ class SFTMixtureIterator(ShardedBatchIterator):
         write_conversation(rows, row, used, conv, segment, source_id)
         self.stats["conversations"] += 1
         self.stats["truncated"] += int(conv.truncated)
+        self.stats["special_text"] += int(conv.special_text)
       used += len(conv.ids)
       self._cursors[name] += 1
       if used == seq_len:

@@ -5,6 +5,13 @@ chat/reasoning specials as user-defined symbols (ids 4..8), so they are never sp
 string encodable; digits are split one per token (helps arithmetic); normalisation is the identity and whitespace
 runs are kept (code survives an encode/decode round trip). Training reads documents line by line, so a newline
 encodes as the byte piece ``<0x0A>`` (as in Llama's tokenizer).
+
+``encode`` maps the literal text of a user-defined symbol (``<|im_start|>``, ``<think>``, ...) to its id, as
+SentencePiece does. ``encode_text`` is for text that must stay text (chat message content: web, code and agent data
+quote chat markup): every occurrence of a user-defined symbol is encoded as its first character followed by the
+rest, each encoded on its own, so ``<|im_end|>`` in a message becomes ordinary pieces (``<`` + ``|im_end|>``) that
+decode back to the same string and never a control id (control symbols such as ``<s>`` are never matched in text
+by SentencePiece). ``find_special_text`` counts such occurrences (the SFT data report counts the conversations).
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import hashlib
 import math
 import os
 import pathlib
+import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
@@ -24,6 +32,10 @@ NANBEIGE_SPECIAL_TOKENS: tuple[str, ...] = ("<|im_start|>", "<|im_end|>", "<|end
 MODEL_TYPES = ("bpe", "unigram", "char", "word")
 # SentencePiece refuses training sentences longer than this many bytes; longer lines are chunked before training.
 MAX_TRAIN_SENTENCE_BYTES = 16384
+
+
+def _is_markup(piece: str) -> bool:
+  return len(piece) >= 3 and piece.startswith("<") and piece.endswith(">")
 
 
 def padded_vocab_size(n: int, multiple: int = 128) -> int:
@@ -65,6 +77,11 @@ class Tokenizer:
     self._sp = processor
     self.source = source
     self._special_ids = self._find_special_ids()
+    markup = {p for p in self._user_defined_symbols() if _is_markup(p)}
+    markup |= set(NANBEIGE_SPECIAL_TOKENS) & set(self._special_ids)
+    user_defined = sorted(markup, key=lambda p: (-len(p), p))
+    self._user_defined = tuple(user_defined)
+    self._user_defined_re = re.compile("|".join(map(re.escape, user_defined))) if user_defined else None
 
   # ---- construction -------------------------------------------------------------------------------------------
   @classmethod
@@ -169,6 +186,42 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     """Token ids of ``text`` (no bos/eos added); special tokens in the text come out as single ids."""
     return self._sp.EncodeAsIds(text)
+
+  def _user_defined_symbols(self) -> set[str]:
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(self._sp.serialized_model_proto())
+    user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return {p.piece for p in proto.pieces if p.type == user_defined}
+
+  @property
+  def user_defined_pieces(self) -> tuple[str, ...]:
+    """The markup-like user-defined symbols (``<...>``, matched atomically in text by ``encode``) that
+    ``encode_text`` keeps from matching, longest first. Other user-defined pieces (e.g. whitespace runs some
+    vocabularies define) encode as usual."""
+    return self._user_defined
+
+  def find_special_text(self, text: str) -> list[str]:
+    """The user-defined symbols written literally in ``text``, in order (left to right, longest match)."""
+    return self._user_defined_re.findall(text) if self._user_defined_re is not None else []
+
+  def encode_text(self, text: str) -> list[int]:
+    """Token ids of ``text`` as plain text: a user-defined symbol written in it never yields its id (see the module
+    docstring); text without one encodes exactly as ``encode``."""
+    if self._user_defined_re is None:
+      return self._sp.EncodeAsIds(text)
+    ids: list[int] = []
+    start = 0
+    for match in self._user_defined_re.finditer(text):
+      if match.start() > start:
+        ids.extend(self._sp.EncodeAsIds(text[start:match.start()]))
+      piece = match.group()
+      ids.extend(self._sp.EncodeAsIds(piece[0]))
+      ids.extend(self.encode_text(piece[1:]))  # the rest may itself hold a (shorter) symbol
+      start = match.end()
+    if start < len(text):
+      ids.extend(self._sp.EncodeAsIds(text[start:]))
+    return ids
 
   def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
     return self._sp.Encode(list(texts), out_type=int, num_threads=num_threads)
