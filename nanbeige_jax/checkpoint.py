@@ -22,9 +22,8 @@ shapes differ from what is stored is an error naming the first mismatching key p
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import importlib.metadata
 import json
+import logging
 import pathlib
 from typing import Any, Iterable
 
@@ -33,91 +32,62 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-FORMAT_VERSION = 1
+from nanbeige_jax import checksums
+from nanbeige_jax.checkpoint_metadata import (FORMAT_VERSION, build_metadata, check_json as _check_json,
+                                              check_model_config, model_config_from_metadata)
+
+__all__ = ["CheckpointError", "CorruptCheckpointError", "CheckpointReadError", "CheckpointManager", "Restored",
+           "build_metadata", "check_model_config", "model_config_from_metadata", "opt_state_target",
+           "save_params_checkpoint", "load_params_checkpoint", "FORMAT_VERSION"]
+
+log = logging.getLogger("nanbeige_jax.checkpoint")
+
 ITEM_PARAMS = "params"
 ITEM_OPT_STATE = "opt_state"
 ITEM_DATA_STATE = "data_state"
 ITEM_METADATA = "metadata"
+ITEM_CHECKSUMS = "checksums"
 JSON_FILENAME = "metadata"  # file name inside a JSON item directory
 TMP_SUFFIX = ocp.path.step.TMP_DIR_SUFFIX
-_VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing, incomplete, corrupt, or does not match what the caller asked for."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Metadata
+class CorruptCheckpointError(CheckpointError):
+  """The step's bytes are bad: an array's checksum differs, array data cannot be decoded, an item is missing or its
+  JSON is unreadable. Fallback may move such a step aside."""
 
 
-def _package_versions() -> dict[str, str | None]:
-  import nanbeige_jax
-  versions: dict[str, str | None] = {}
-  for name in _VERSIONED_PACKAGES:
-    try:
-      versions[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      versions[name] = None
-  versions["nanbeige_jax"] = nanbeige_jax.__version__
-  return versions
+class CheckpointReadError(CheckpointError):
+  """Reading failed for a reason that says nothing about the step's bytes (permission denied, network filesystem
+  unavailable, timeout): retry later; never a reason to move the step aside."""
 
 
-def build_metadata(model_cfg, *, stage: str, tokenizer_fingerprint: str | None = None,
-                   extra: dict | None = None) -> dict:
-  """The JSON metadata stored with every checkpoint (``model_cfg`` is a ``ModelConfig``)."""
-  if not isinstance(stage, str) or not stage:
-    raise ValueError(f"build_metadata: stage must be a non-empty string, found {stage!r}")
-  if tokenizer_fingerprint is not None and not isinstance(tokenizer_fingerprint, str):
-    raise ValueError(f"build_metadata: tokenizer_fingerprint must be a string or None, "
-                     f"found {type(tokenizer_fingerprint).__name__}")
-  metadata = {
-      "format_version": FORMAT_VERSION,
-      "model_config": model_cfg.to_dict(),
-      "model_fingerprint": model_cfg.fingerprint(),
-      "stage": stage,
-      "tokenizer_fingerprint": tokenizer_fingerprint,
-      "versions": _package_versions(),
-      "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "extra": dict(extra or {}),
-  }
-  _check_json("metadata", metadata)
-  return metadata
+_TRANSIENT_TYPES = (PermissionError, ConnectionError, TimeoutError, InterruptedError, BlockingIOError)
+_TRANSIENT_CODES = ("PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED",
+                    "CANCELLED", "UNAUTHENTICATED")
 
 
-def check_model_config(metadata: dict, model_cfg) -> None:
-  """Raise CheckpointError unless the checkpoint's architecture matches ``model_cfg`` (compile-time knobs such as
-  scan_layers, remat_policy, dtype are free to differ); the message lists the differing fields."""
-  stored = metadata.get("model_fingerprint")
-  if stored == model_cfg.fingerprint():
-    return
-  stored_cfg = metadata.get("model_config") or {}
-  diffs = [f"{k}: checkpoint {stored_cfg.get(k)!r} vs config {v!r}" for k, v in model_cfg.arch_dict().items()
-           if stored_cfg.get(k) != v]
-  raise CheckpointError(f"checkpoint model_fingerprint {stored!r} does not match the config's "
-                        f"{model_cfg.fingerprint()!r}: " + ("; ".join(diffs) or "model_config missing"))
+def is_transient(err: BaseException) -> bool:
+  """Whether ``err`` (or an exception it was raised from) is an I/O failure of the storage, not of the data:
+  the OS's permission/connection/timeout errors, or tensorstore's statuses with those codes."""
+  seen = set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    if isinstance(err, _TRANSIENT_TYPES) or any(code in str(err) for code in _TRANSIENT_CODES):
+      return True
+    err = err.__cause__ or err.__context__
+  return False
 
 
-def _check_json(what: str, value: Any) -> None:
-  """JSON items must be dicts with string keys that json can serialise (int keys would silently become str;
-  tuples come back as lists)."""
-  if not isinstance(value, dict):
-    raise ValueError(f"{what} must be a dict, found {type(value).__name__}")
-
-  def walk(node: Any, path: str) -> None:
-    if isinstance(node, dict):
-      for key, child in node.items():
-        if not isinstance(key, str):
-          raise ValueError(f"{what}: key {key!r} at {path or '<root>'} is {type(key).__name__}; JSON keys must be str")
-        walk(child, f"{path}/{key}")
-    elif isinstance(node, (list, tuple)):
-      for i, child in enumerate(node):
-        walk(child, f"{path}/{i}")
-    elif not (node is None or isinstance(node, (str, bool, int, float))):
-      raise ValueError(f"{what}: value at {path or '<root>'} has type {type(node).__name__}, which is not JSON "
-                       f"(use str/int/float/bool/None/list/dict)")
-  walk(value, "")
-  json.dumps(value, allow_nan=True)
+def _read_failure(message: str, err: BaseException) -> CheckpointError:
+  """The error for a failed read of checkpoint bytes: transient (CheckpointReadError) or corruption."""
+  if is_transient(err):
+    return CheckpointReadError(f"{message}: {type(err).__name__}: {err} (a storage error, not corruption: the step "
+                               f"is left in place; retry once the filesystem is reachable)")
+  return CorruptCheckpointError(f"{message}: {type(err).__name__}: {err}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,6 +157,21 @@ def _restore_args(target: Any) -> Any:
     raise CheckpointError(f"restore target leaf at {where!r} is a {type(leaf).__name__}; expected "
                           f"jax.ShapeDtypeStruct (with .sharding for a device array), jax.Array or np.ndarray")
   return jax.tree_util.tree_map_with_path(one, target)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  """Key path -> leaf (the keys the checksums item is written with)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {_path_str(path): leaf for path, leaf in flat}
+
+
+def _with_dtype(leaf: Any, dtype: Any) -> Any:
+  """``leaf`` as a restore target in the stored ``dtype`` (verification hashes the stored bytes)."""
+  if dtype is None or np.dtype(leaf.dtype) == np.dtype(dtype):
+    return leaf
+  if isinstance(leaf, (np.ndarray, np.generic)):
+    return np.zeros(leaf.shape, dtype)
+  return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=getattr(leaf, "sharding", None))
 
 
 def _host_restore_args(stored_tree: Any) -> Any:
@@ -268,7 +253,8 @@ class CheckpointManager:
         cleanup_tmp_directories=False)  # another process may be writing a tmp dir right now
     handlers = {ITEM_PARAMS: ocp.PyTreeCheckpointHandler(), ITEM_OPT_STATE: ocp.PyTreeCheckpointHandler(),
                 ITEM_DATA_STATE: ocp.JsonCheckpointHandler(filename=JSON_FILENAME),
-                ITEM_METADATA: ocp.JsonCheckpointHandler(filename=JSON_FILENAME)}
+                ITEM_METADATA: ocp.JsonCheckpointHandler(filename=JSON_FILENAME),
+                ITEM_CHECKSUMS: ocp.JsonCheckpointHandler(filename=JSON_FILENAME)}
     try:
       self._manager = ocp.CheckpointManager(self._directory, item_handlers=handlers, options=options)
     except Exception as e:
@@ -308,10 +294,14 @@ class CheckpointManager:
     if known and step < max(known):
       raise CheckpointError(f"cannot save step {step} into {self._directory}: a later step {max(known)} exists "
                             f"(delete it first with CheckpointManager.delete)")
-    items = {ITEM_PARAMS: ocp.args.PyTreeSave(_prepare_for_save(ITEM_PARAMS, params)),
-             ITEM_METADATA: ocp.args.JsonSave(metadata)}
+    params = _prepare_for_save(ITEM_PARAMS, params)
+    sums = {"algorithm": checksums.ALGORITHM, ITEM_PARAMS: checksums.tree_checksums(_flat(params))}
+    items = {ITEM_PARAMS: ocp.args.PyTreeSave(params), ITEM_METADATA: ocp.args.JsonSave(metadata)}
     if opt_state is not None:
-      items[ITEM_OPT_STATE] = ocp.args.PyTreeSave(_prepare_for_save(ITEM_OPT_STATE, opt_state))
+      opt_state = _prepare_for_save(ITEM_OPT_STATE, opt_state)
+      sums[ITEM_OPT_STATE] = checksums.tree_checksums(_flat(opt_state))
+      items[ITEM_OPT_STATE] = ocp.args.PyTreeSave(opt_state)
+    items[ITEM_CHECKSUMS] = ocp.args.JsonSave(sums)
     if data_state is not None:
       items[ITEM_DATA_STATE] = ocp.args.JsonSave(data_state)
     try:
@@ -364,7 +354,7 @@ class CheckpointManager:
     try:
       composite = self._manager.item_metadata(step)
     except Exception as e:
-      raise CheckpointError(f"cannot read item metadata of {self.step_dir(step)}: {type(e).__name__}: {e}") from e
+      raise _read_failure(f"cannot read item metadata of {self.step_dir(step)}", e) from e
     return {name: composite.get(name) if hasattr(composite, "get") else getattr(composite, name, None)
             for name in (ITEM_PARAMS, ITEM_OPT_STATE)}
 
@@ -372,7 +362,7 @@ class CheckpointManager:
     tree_metadata = item_metadata.get(item)
     tree = getattr(tree_metadata, "tree", tree_metadata)
     if tree is None:
-      raise CheckpointError(f"{self.step_dir(step) / item}: tree metadata is missing or unreadable")
+      raise CorruptCheckpointError(f"{self.step_dir(step) / item}: tree metadata is missing or unreadable")
     return tree
 
   def _read_json(self, step: int, item: str) -> dict:
@@ -380,11 +370,13 @@ class CheckpointManager:
     try:
       value = json.loads(path.read_text())
     except FileNotFoundError as e:
-      raise CheckpointError(f"{path}: missing") from e
-    except (OSError, ValueError) as e:
-      raise CheckpointError(f"{path}: unreadable JSON: {type(e).__name__}: {e}") from e
+      raise CorruptCheckpointError(f"{path}: missing") from e
+    except OSError as e:
+      raise _read_failure(f"{path}: unreadable", e) from e
+    except ValueError as e:
+      raise CorruptCheckpointError(f"{path}: unreadable JSON: {type(e).__name__}: {e}") from e
     if not isinstance(value, dict):
-      raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
+      raise CorruptCheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value
 
   def read_metadata(self, step: int | None = None) -> dict:
@@ -399,15 +391,17 @@ class CheckpointManager:
   def verify_step(self, step: int) -> None:
     """Cheap integrity check (no array data is read): the step is committed, ``params`` and ``metadata`` exist,
     the JSON items parse and the array items' tree metadata is readable. Corrupt array data is caught by
-    ``restore``, which raises CheckpointError naming the path."""
+    ``restore`` / ``verify_arrays``, which raise CorruptCheckpointError naming the path."""
     step = self._resolve_step(step)
     step_dir = self.step_dir(step)
     for item in (ITEM_PARAMS, ITEM_METADATA):
       if not (step_dir / item).is_dir():
-        raise CheckpointError(f"{step_dir}: incomplete checkpoint, item {item!r} is missing")
+        raise CorruptCheckpointError(f"{step_dir}: incomplete checkpoint, item {item!r} is missing")
     self.read_metadata(step)
     if (step_dir / ITEM_DATA_STATE).exists():
       self._read_json(step, ITEM_DATA_STATE)
+    if (step_dir / ITEM_CHECKSUMS).exists():
+      self._read_json(step, ITEM_CHECKSUMS)
     item_metadata = self._item_metadata(step)
     self._stored_tree(step, ITEM_PARAMS, item_metadata)
     if (step_dir / ITEM_OPT_STATE).exists():
@@ -415,18 +409,52 @@ class CheckpointManager:
 
   # -- restore ---------------------------------------------------------------------------------------------------
 
-  def _restore_tree(self, step: int, item: str, target: Any, item_metadata: dict[str, Any]) -> Any:
+  def _stored_checksums(self, step: int) -> dict | None:
+    """The step's checksums item (None for a checkpoint written before checksums were stored)."""
+    if not (self.step_dir(step) / ITEM_CHECKSUMS).exists():
+      return None
+    return self._read_json(step, ITEM_CHECKSUMS)
+
+  def _restore_tree(self, step: int, item: str, target: Any, item_metadata: dict[str, Any],
+                    stored_sums: dict | None) -> Any:
+    """Read one array item in its stored dtypes, verify it against the stored checksums, then cast to the target's
+    dtypes. A checksum mismatch or undecodable data is CorruptCheckpointError; a storage error CheckpointReadError."""
     stored = self._stored_tree(step, item, item_metadata)
     item_dir = self.step_dir(step) / item
     if target is None:
       args = ocp.args.PyTreeRestore(restore_args=_host_restore_args(stored))
+      cast_to = None
     else:
       _check_tree_matches(item, item_dir, stored, target)
-      args = ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target))
+      stored_dtypes = {k: getattr(v, "dtype", None) for k, v in _flat(stored).items()}
+      cast_to = jax.tree_util.tree_map_with_path(lambda p, x: np.dtype(x.dtype), target)
+      read_target = jax.tree_util.tree_map_with_path(
+          lambda p, x: _with_dtype(x, stored_dtypes.get(_path_str(p))), target)
+      args = ocp.args.PyTreeRestore(item=read_target, restore_args=_restore_args(read_target))
     try:
-      return self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+      tree = self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
     except Exception as e:
-      raise CheckpointError(f"restoring {item_dir} failed: {type(e).__name__}: {e}") from e
+      raise _read_failure(f"restoring {item_dir} failed", e) from e
+    if stored_sums is None:
+      log.warning("checkpoint %s has no stored checksums (written by an older version): its arrays are unverified",
+                  item_dir)
+    else:
+      expected = stored_sums.get(item)
+      if not isinstance(expected, dict):
+        raise CorruptCheckpointError(f"{self.step_dir(step) / ITEM_CHECKSUMS}: no checksums for item {item!r}")
+      bad = checksums.mismatches(expected, checksums.tree_checksums(_flat(tree)))
+      if bad:
+        raise CorruptCheckpointError(f"{item_dir}: array data is corrupt: checksum mismatch in {len(bad)} of "
+                                     f"{len(expected)} arrays (first: {bad[0]!r})")
+    if cast_to is not None:
+      tree = jax.tree.map(lambda x, dtype: x if x.dtype == dtype else x.astype(dtype), tree, cast_to)
+    return tree
+
+  def verify_arrays(self, step: int, *, params_target=None, opt_state_target=None) -> None:
+    """Read every array of a step and check it against the stored checksums (what keep-last-N counts as good):
+    CorruptCheckpointError when the bytes are bad, CheckpointReadError when the storage failed. Targets as for
+    ``restore`` (with the training shardings each process reads only its shards; None reads into host memory)."""
+    self.restore(step, params_target=params_target, opt_state_target=opt_state_target)
 
   def restore(self, step: int | None = None, *, params_target=None, opt_state_target=None,
               params_only: bool = False) -> Restored:
@@ -438,12 +466,13 @@ class CheckpointManager:
     self.verify_step(step)
     metadata = self.read_metadata(step)
     item_metadata = self._item_metadata(step)
-    params = self._restore_tree(step, ITEM_PARAMS, params_target, item_metadata)
+    stored_sums = self._stored_checksums(step)
+    params = self._restore_tree(step, ITEM_PARAMS, params_target, item_metadata, stored_sums)
     opt_state = data_state = None
     if not params_only:
       has_opt_state = (self.step_dir(step) / ITEM_OPT_STATE).exists()
       if has_opt_state:
-        opt_state = self._restore_tree(step, ITEM_OPT_STATE, opt_state_target, item_metadata)
+        opt_state = self._restore_tree(step, ITEM_OPT_STATE, opt_state_target, item_metadata, stored_sums)
       elif opt_state_target is not None:
         raise CheckpointError(f"{self.step_dir(step)} has no opt_state (a params-only checkpoint); restore with "
                               f"params_only=True or without opt_state_target")

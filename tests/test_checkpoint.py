@@ -96,7 +96,7 @@ def test_roundtrip_one_device_then_onto_8_device_mesh(setup, tmp_path):
     manager.wait_until_finished()
     assert manager.latest_step() == 10 and manager.all_steps() == [10]
     assert sorted(p.name for p in (tmp_path / "10").iterdir() if p.is_dir()) == [
-        "data_state", "metadata", "opt_state", "params"]
+        "checksums", "data_state", "metadata", "opt_state", "params"]
 
     # Same (1-device) layout, optimizer target from jax.eval_shape of the optimizer init: exact structure back.
     opt_target1 = ck.opt_state_target(setup["tx"], target1)
@@ -184,7 +184,7 @@ def test_params_only(setup, tmp_path):
   assert metadata == setup["metadata"]
 
   ck.save_params_checkpoint(params_dir, setup["params"], setup["metadata"], step=0)
-  assert sorted(p.name for p in (params_dir / "0").iterdir() if p.is_dir()) == ["metadata", "params"]
+  assert sorted(p.name for p in (params_dir / "0").iterdir() if p.is_dir()) == ["checksums", "metadata", "params"]
   params, metadata = ck.load_params_checkpoint(params_dir)
   assert_bit_equal(params, setup["params"])
   assert metadata == setup["metadata"]

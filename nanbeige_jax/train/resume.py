@@ -3,12 +3,16 @@
 * ``check_workdir`` (read-only, before anything is written): the newest checkpoint whose metadata is readable must
   come from the same model architecture and tokenizer, otherwise the run refuses to resume (``--fresh`` starts
   over); a checkpoint directory in which no step is readable at all is a clear error naming each step's path.
-* ``restore_with_fallback``: restore the newest committed step; when it is corrupt or truncated (orbax reports a
-  failed read, or its metadata/data-state JSON is unreadable) warn with its path, move it aside into
+* ``restore_with_fallback``: restore the newest committed step; when it is corrupt (``CorruptCheckpointError``: an
+  array's checksum differs from the one stored at save, array data cannot be decoded or is truncated, an item is
+  missing, its metadata/data-state JSON is unreadable) warn with its path, move it aside into
   ``<workdir>/checkpoints.corrupt/`` (so the run can save that step number again) and try the previous one. When no
-  step restores, stop with an error listing every step's path and failure.
-* ``prune_checkpoints``: keep-last-N done by the trainer rather than orbax, so that the newest step that passes
-  ``verify_step`` is never deleted, whatever the newer steps look like; steps that fail verification are moved aside.
+  step restores, stop with an error listing every step's path and failure. Any other failure (a storage error such
+  as permission denied or an unreachable network filesystem, a target that does not fit) is not corruption: it
+  stops the run with a clear error and moves nothing.
+* ``prune_checkpoints``: keep-last-N done by the trainer rather than orbax: a step counts as good only once its
+  arrays have been read back and match their stored checksums (``CheckpointManager.verify_arrays``), so the newest
+  verified step is never deleted, whatever the newer steps look like; corrupt steps are moved aside.
 * ``truncate_metrics``: on resume, drop metric rows written after the restored step (the killed run logged steps
   that the resumed run redoes), atomically (write a temporary file, then ``os.replace``).
 
@@ -75,9 +79,11 @@ def check_workdir(ckpt_dir: pathlib.Path, check_metadata: Callable[[int, dict], 
       try:
         manager.verify_step(step)
         metadata = manager.read_metadata(step)
-      except ckpt_lib.CheckpointError as e:
+      except ckpt_lib.CorruptCheckpointError as e:
         failures.append(f"step {step} ({_one_line(e)})")
         continue
+      except ckpt_lib.CheckpointError as e:
+        raise ResumeError(f"cannot read checkpoint step {step} in {ckpt_dir}: {_one_line(e)}") from None
       check_metadata(step, metadata)
       return step
   finally:
@@ -105,11 +111,15 @@ def restore_with_fallback(open_manager: Callable[[], ckpt_lib.CheckpointManager]
     try:
       restored = manager.restore(step, params_target=params_target, opt_state_target=opt_state_target)
       if restored.data_state is None or "iterator" not in restored.data_state:
-        raise ckpt_lib.CheckpointError(f"{manager.step_dir(step)}: no data-iterator state (not a training "
-                                       f"checkpoint of this project)")
-    except ckpt_lib.CheckpointError as e:
+        raise ckpt_lib.CorruptCheckpointError(f"{manager.step_dir(step)}: no data-iterator state (not a complete "
+                                              f"training checkpoint of this project)")
+    except ckpt_lib.CorruptCheckpointError as e:
       failures.append((step, _one_line(e)))
       continue
+    except ckpt_lib.CheckpointError as e:  # storage error or a target that does not fit: not the step's fault
+      manager.close()
+      raise ResumeError(f"cannot restore checkpoint {manager.step_dir(step)}: {_one_line(e)}; nothing was moved "
+                        f"aside") from None
     moved = []
     if failures:
       for bad_step, reason in failures:
@@ -126,24 +136,36 @@ def restore_with_fallback(open_manager: Callable[[], ckpt_lib.CheckpointManager]
   return manager, None, []
 
 
-def prune_checkpoints(manager: ckpt_lib.CheckpointManager, keep: int) -> list[int]:
-  """Keep the ``keep`` newest steps that pass ``verify_step``; delete older good ones; move failing ones aside.
+def prune_checkpoints(manager: ckpt_lib.CheckpointManager, keep: int, *, params_target: Any = None,
+                      opt_state_target: Any = None, verified: set[int] | None = None) -> list[int]:
+  """Keep the ``keep`` newest verified steps; delete older ones; move corrupt ones aside. Returns the deleted steps.
 
-  Call it when no save is in flight (``manager.wait_until_finished()`` first). The newest verified step is always
-  kept, so a run whose latest saves are broken still has a checkpoint to fall back to. Returns the deleted steps.
+  Newest first, a step is checked with ``verify_step`` and then ``verify_arrays`` (every array read back and
+  compared with its stored checksum; targets as for ``restore``: pass the training shardings so that each process
+  reads only its shards, None reads host copies). ``verified``: a set the caller keeps between calls; steps in it
+  are not read again, steps verified now are added (so each save is read back once). A corrupt step is moved aside;
+  any other error (storage unavailable) propagates and nothing is deleted. Steps older than the ``keep``-th verified
+  one are deleted without being read. Call it when no save is in flight (``manager.wait_until_finished()`` first).
   """
+  verified = set() if verified is None else verified
   good, deleted = [], []
   for step in reversed(manager.all_steps()):
+    if len(good) >= keep:
+      manager.delete(step)
+      deleted.append(step)
+      verified.discard(step)
+      continue
     try:
       manager.verify_step(step)
-    except ckpt_lib.CheckpointError as e:
+      if step not in verified:
+        manager.verify_arrays(step, params_target=params_target, opt_state_target=opt_state_target)
+    except ckpt_lib.CorruptCheckpointError as e:
+      verified.discard(step)
       quarantine_step(manager, step, _one_line(e))
       continue
+    verified.add(step)
     good.append(step)
-  for step in good[keep:]:
-    manager.delete(step)
-    deleted.append(step)
-  return deleted
+  return sorted(deleted)
 
 
 def truncate_metrics(path: pathlib.Path, last_step: int) -> int:
