@@ -47,7 +47,7 @@ class EvalConfig:
   tokenizer_path: str | None = None          # default <workdir>/tokenizer.model
   output: str | None = None                  # default <workdir>/eval/step_<step>.json
   dtype: str = "float32"                     # compute dtype for evaluation
-  rope_theta: float | None = None            # RoPE base override (after an ABF phase); None: the config's
+  rope_theta: float | None = None            # RoPE base override; None: the base the checkpoint was trained at
   # perplexity
   sources: dict | None = None                # name -> {kind: ...}; None: the checkpoint's training sources
   ppl_seq_len: int = 256
@@ -271,7 +271,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
   results: dict[str, Any] = {"checkpoint": str(ckpt_dir), "step": step, "stage": metadata.get("stage"),
                              "tokenizer": str(tok_path), "model_config": model.cfg.to_dict(),
-                             "eval_config": dataclasses.asdict(cfg), "prompt_format": prompt_format}
+                             "eval_config": dataclasses.asdict(cfg), "prompt_format": prompt_format,
+                             "rope_theta": cfg.rope_theta if cfg.rope_theta is not None else model.cfg.rope_theta}
   start = time.perf_counter()
   results["perplexity"] = perplexity(model, tokenizer, sources, seq_len=cfg.ppl_seq_len,
                                      batch_size=cfg.ppl_batch_size, max_batches=cfg.ppl_max_batches,

@@ -97,9 +97,17 @@ def model_config_from_hf(config_json: Mapping[str, Any], **overrides: Any) -> Mo
   if model_type != "llama" and "LlamaForCausalLM" not in architectures:
     raise HFFormatError(f"config.json: expected a Llama model (model_type 'llama' / LlamaForCausalLM), found "
                         f"model_type={model_type!r}, architectures={architectures!r}")
-  if cfg_json.get("rope_scaling") is not None:
-    raise HFFormatError(f"config.json rope_scaling={cfg_json['rope_scaling']!r}: RoPE scaling is not supported "
-                        "(expected null)")
+  scaling = cfg_json.get("rope_scaling")
+  if scaling is not None and not (isinstance(scaling, Mapping) and set(scaling) <= {"rope_type", "type", "rope_theta"}
+                                  and scaling.get("rope_type", scaling.get("type")) == "default"):
+    raise HFFormatError(f"config.json rope_scaling={scaling!r}: RoPE scaling is not supported (expected null or "
+                        "{'rope_type': 'default'})")
+  if scaling is not None and scaling.get("rope_theta") is not None:
+    top = cfg_json.get("rope_theta")
+    if top is not None and float(top) != float(scaling["rope_theta"]):
+      raise HFFormatError(f"config.json disagrees with itself: rope_theta={top!r} but rope_scaling.rope_theta="
+                          f"{scaling['rope_theta']!r}")
+    cfg_json.setdefault("rope_theta", scaling["rope_theta"])
   checks = {"attention_bias": (False, "no q/k/v/o biases"), "mlp_bias": (False, "no MLP biases"),
             "hidden_act": ("silu", "SwiGLU with silu")}
   for key, (expected, meaning) in checks.items():
@@ -138,12 +146,17 @@ def model_config_from_hf(config_json: Mapping[str, Any], **overrides: Any) -> Mo
     raise HFFormatError(f"config.json cannot be represented: {e}") from e
 
 
-def hf_config_from_model(cfg: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
+def hf_config_from_model(cfg: ModelConfig, dtype: str = "bfloat16",
+                         token_ids: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """ModelConfig -> a Llama ``config.json`` dict that transformers 4.x and 5.x both load (rope_theta is written
-  both at top level and in rope_parameters)."""
+  both at top level and in rope_parameters). ``token_ids``: bos_token_id / eos_token_id / pad_token_id to record."""
   if dtype not in HF_DTYPES:
     raise ValueError(f"hf_config_from_model: dtype must be one of {HF_DTYPES}, found {dtype!r}")
-  return {
+  ids = {k: v for k, v in (token_ids or {}).items() if v is not None}
+  unknown = sorted(set(ids) - {"bos_token_id", "eos_token_id", "pad_token_id"})
+  if unknown:
+    raise ValueError(f"hf_config_from_model: unknown token id key(s) {unknown}")
+  return ids | {
       "architectures": ["LlamaForCausalLM"],
       "model_type": "llama",
       "vocab_size": cfg.vocab_size,
@@ -464,9 +477,11 @@ def _plan_shards(specs: list[TensorSpec], itemsize: int, max_shard_bytes: int) -
 
 
 def save_hf_dir(hf_dir: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, Any], *,
-                dtype: str = "bfloat16", max_shard_size: int | str = "2GB") -> list[str]:
+                dtype: str = "bfloat16", max_shard_size: int | str = "2GB", token_ids: Mapping[str, Any] | None = None,
+                extra_files: Mapping[str, str] | None = None) -> list[str]:
   """Write native params as a Hugging Face Llama directory (config.json + safetensors, sharded with an index
-  above ``max_shard_size``). The directory appears atomically. Returns the weight file names."""
+  above ``max_shard_size``; ``token_ids`` go into config.json, ``extra_files`` name -> text are written beside).
+  The directory appears atomically. Returns the weight file names."""
   from safetensors.numpy import save_file
   if dtype not in HF_DTYPES:
     raise ValueError(f"save_hf_dir: dtype must be one of {HF_DTYPES}, found {dtype!r}")
@@ -478,7 +493,10 @@ def save_hf_dir(hf_dir: str | os.PathLike, cfg: ModelConfig, params: Mapping[str
   n = len(shards)
   names = [SINGLE_WEIGHTS_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
   with atomic_directory(hf_dir) as tmp:
-    (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_from_model(cfg, dtype), indent=2, sort_keys=True) + "\n")
+    (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_from_model(cfg, dtype, token_ids), indent=2,
+                                              sort_keys=True) + "\n")
+    for name, text in (extra_files or {}).items():
+      (tmp / name).write_text(text)
     weight_map: dict[str, str] = {}
     total_size = 0
     for file_name, shard in zip(names, shards):

@@ -85,6 +85,29 @@ def test_build_metadata_and_model_check(setup):
     ck.build_metadata(cfg, stage="sft", extra={"bad": {1, 2}})
 
 
+def test_operative_rope_theta_travels_with_the_metadata(setup):
+  """Issue 11 item 1: the base a checkpoint was trained at is recorded, fingerprinted and read back."""
+  cfg = setup["cfg"]
+  assert cfg.rope_theta == 5e6 and setup["metadata"]["rope_theta"] == 5e6 and setup["metadata"]["phase"] is None
+  assert cfg.fingerprint() != cfg.replace(rope_theta=1e6).fingerprint()  # different bases never look identical
+  metadata = ck.build_metadata(cfg, stage="pretrain", rope_theta=1e6, phase="stable_2")
+  assert (metadata["rope_theta"], metadata["phase"], metadata["model_config"]["rope_theta"]) == (1e6, "stable_2", 1e6)
+  assert metadata["model_fingerprint"] == cfg.replace(rope_theta=1e6).fingerprint()
+  assert ck.model_config_from_metadata(metadata) == cfg.replace(rope_theta=1e6)
+  with pytest.raises(ck.CheckpointError, match=r"rope_theta: checkpoint 1000000.0 vs config 5000000.0"):
+    ck.check_model_config(metadata, cfg)
+  ck.check_model_config(metadata, cfg, rope_theta=1e6)  # a resume into the 1e6 phase expects 1e6
+  # A checkpoint of an older version: no rope_theta entry, a fingerprint without the base: still matches.
+  old = {k: v for k, v in setup["metadata"].items() if k not in ("rope_theta", "phase")}
+  old["model_fingerprint"] = "0123456789abcdef"
+  assert ck.model_config_from_metadata(old) == cfg
+  ck.check_model_config(old, cfg)
+  with pytest.raises(ValueError, match="rope_theta"):
+    ck.build_metadata(cfg, stage="sft", rope_theta=1.0)
+  with pytest.raises(ck.CheckpointError, match="no model_config"):
+    ck.model_config_from_metadata({"format_version": 1})
+
+
 def test_roundtrip_one_device_then_onto_8_device_mesh(setup, tmp_path):
   mesh1 = single_device_mesh()
   target1 = params_target(setup, mesh1)

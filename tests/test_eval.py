@@ -75,7 +75,7 @@ def test_check_answer_in_a_thread_is_correct():
   assert out[0].correct and out[0].status == "ok"
 
 
-def write_run(workdir, tokenizer, vocab_size, tokenizer_fingerprint):
+def write_run(workdir, tokenizer, vocab_size, tokenizer_fingerprint, rope_theta=None):
   """A pre-training-style workdir: tokenizer.model + a params checkpoint whose metadata records its sources."""
   import shutil
 
@@ -93,7 +93,7 @@ def write_run(workdir, tokenizer, vocab_size, tokenizer_fingerprint):
   sources = {"arithmetic": {"kind": "arithmetic", "num_train": 60, "num_eval": 12},
              "notes": {"kind": "text", "paths": str(notes), "doc_per": "blank_line"}}
   metadata = build_metadata(cfg, stage="pretrain", tokenizer_fingerprint=tokenizer_fingerprint,
-                            extra={"sources": sources})
+                            extra={"sources": sources}, rope_theta=rope_theta)
   save_params_checkpoint(workdir / "checkpoints", params, metadata, step=7)
   return workdir
 
@@ -180,3 +180,26 @@ def test_arithmetic_items_follow_the_sft_prompt_and_difficulties(run_dir):
   assert [item.id for item in items] == [p.id for p in problems]
   assert [item.answer for item in items] == [str(p.answer) for p in problems]
   assert items[0].prompt_ids == user_prompt(problems[0].question + ARITHMETIC_INSTRUCTION, tokenizer)
+
+
+def test_eval_and_sampler_run_at_the_checkpoints_rope_theta(run_dir, tmp_path):
+  """Issue 11 item 1: a checkpoint trained at base 1e6 (its preset says 5e6) is evaluated and sampled at 1e6."""
+  import shutil
+
+  from nanbeige_jax.data.tokenizer import Tokenizer
+  from nanbeige_jax.eval import run_eval
+  from nanbeige_jax.generate import load_model
+  workdir = tmp_path / "abf_run"
+  workdir.mkdir()
+  shutil.copy(run_dir / "tokenizer.model", workdir / "tokenizer.model")
+  tokenizer = Tokenizer.load(workdir / "tokenizer.model")
+  from nanbeige_jax.data.tokenizer import padded_vocab_size
+  write_run(workdir, tokenizer, padded_vocab_size(tokenizer.vocab_size), tokenizer.fingerprint(), rope_theta=1e6)
+  model, metadata, _ = load_model(workdir / "checkpoints", tokenizer=tokenizer)
+  assert metadata["rope_theta"] == 1e6 and metadata["model_config"]["rope_theta"] == 1e6
+  assert model.cfg.rope_theta == 1e6  # the Sampler built on it (rope_theta=None) runs at the model's base
+  evaluate = lambda **kw: run_eval(small_eval(workdir, tasks=(), ppl_max_batches=1, output=str(tmp_path / "o.json"),
+                                              **kw))  # noqa: E731
+  default, at_1e6, at_5e6 = evaluate(), evaluate(rope_theta=1e6), evaluate(rope_theta=5e6)
+  assert default["rope_theta"] == 1e6
+  assert default["perplexity"] == at_1e6["perplexity"] != at_5e6["perplexity"]

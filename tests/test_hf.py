@@ -95,6 +95,9 @@ def test_config_round_trip_and_transformers_forms(untied):
             "num_hidden_layers": 2, "num_attention_heads": 8, "rope_theta": 1e6, "rope_scaling": None}
   cfg = hf.model_config_from_hf(legacy)
   assert (cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta) == (8, 8, 1e6)
+  # rope_scaling {"rope_type": "default"} means no scaling (issue 11 item 7: it was refused).
+  for scaling in ({"rope_type": "default"}, {"type": "default"}):
+    assert hf.model_config_from_hf(dict(legacy, rope_scaling=scaling)).rope_theta == 1e6
   # Both of our rope forms are read back by transformers itself.
   loaded = transformers.LlamaConfig.from_dict(hf.hf_config_from_model(get_preset("test")))
   assert loaded.rope_parameters["rope_theta"] == 5e6 and loaded.head_dim == 24
@@ -102,6 +105,7 @@ def test_config_round_trip_and_transformers_forms(untied):
 
 @pytest.mark.parametrize("change, message", [
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "default", "factor": 2.0}}, "rope_scaling"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type='yarn'"),
     ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6}}, "disagrees"),
     ({"attention_bias": True}, "attention_bias=True"),
@@ -217,8 +221,17 @@ def test_convert_script_both_ways(untied, tmp_path):
   with torch.no_grad():
     np.testing.assert_array_equal(reloaded(tokens).logits.numpy(), model(tokens).logits.numpy())
 
+  # The default dtype is the one recorded at import (float32 here): the default round trip is lossless.
+  default_dir = tmp_path / "exported_default"
+  exported = _run("convert_hf.py", "--direction=native_to_hf", f"--src={native}", f"--dst={default_dir}")
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  assert metadata["extra"]["hf_dtype"] == "float32"
+  for name, value in _read_all(default_dir).items():
+    assert value.dtype == np.float32 and np.array_equal(value, original[name]), name
+
   bf16_dir = tmp_path / "exported_bf16"
-  exported = _run("convert_hf.py", "--direction=native_to_hf", f"--src={native}", f"--dst={bf16_dir}")
+  exported = _run("convert_hf.py", "--direction=native_to_hf", f"--src={native}", f"--dst={bf16_dir}",
+                  "--dtype=bfloat16")
   assert exported.returncode == 0, exported.stderr[-3000:]
   assert (bf16_dir / hf.SINGLE_WEIGHTS_FILE).is_file()
   stored = _read_all(bf16_dir)
@@ -228,7 +241,8 @@ def test_convert_script_both_ways(untied, tmp_path):
     diff = (bf16_model(tokens).logits - model(tokens).logits).abs().max().item()
   assert 0 < diff < 0.05  # bf16 weight rounding only
   # The destination must not exist; nothing is overwritten.
-  again = _run("convert_hf.py", "--direction=native_to_hf", f"--src={native}", f"--dst={bf16_dir}")
+  again = _run("convert_hf.py", "--direction=native_to_hf", f"--src={native}", f"--dst={bf16_dir}",
+               "--dtype=bfloat16")
   assert again.returncode != 0 and "already exists" in again.stderr
 
 
@@ -358,3 +372,33 @@ def test_tolerated_extras_in_older_checkpoints(tied, tmp_path):
   assert cfg.tie_word_embeddings and "lm_head" not in params
   for path in hf.native_shapes(cfg):
     np.testing.assert_array_equal(hf._get_path(params, path), hf._get_path(reference, path))
+
+
+def test_export_writes_operative_theta_token_ids_and_generation_config(tmp_path):
+  """Issue 11 items 1 and 7: a checkpoint trained at RoPE base 1e6 (the preset says 5e6) exports 1e6; config.json
+  carries bos/eos/pad ids and generation_config.json the released sampling defaults."""
+  from nanbeige_jax import checkpoint, hf_export
+  from nanbeige_jax.data.tokenizer import Tokenizer
+  cfg = get_preset("test")
+  assert cfg.rope_theta == 5e6
+  text = "\n".join(f"line {i}: the quick brown fox thinks about {i * 7} apples and answers." for i in range(400))
+  tok = Tokenizer.train([text], tmp_path / "workdir" / "tokenizer", 300)  # the run's <workdir>/tokenizer.model
+  rng = np.random.default_rng(0)
+  tree: dict = {}
+  for path, shape in hf.native_shapes(cfg).items():
+    hf._set_path(tree, path, rng.standard_normal(shape).astype(np.float32))
+  ckpt = tmp_path / "workdir" / "checkpoints"
+  metadata = checkpoint.build_metadata(cfg, stage="sft", rope_theta=1e6, phase="stable_2")
+  checkpoint.save_params_checkpoint(ckpt, tree, metadata, step=3)
+  out = hf_export.export_checkpoint(ckpt, tmp_path / "hf")
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert out["dtype"] == "float32" and out["rope_theta"] == 1e6
+  assert config["rope_theta"] == 1e6 and config["rope_parameters"]["rope_theta"] == 1e6
+  im_end = tok.special_ids["<|im_end|>"]
+  assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (2, [3, im_end], 0)
+  generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+  assert generation == {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "bos_token_id": 2,
+                        "eos_token_id": [3, im_end], "pad_token_id": 0}
+  loaded = transformers.LlamaConfig.from_pretrained(tmp_path / "hf")
+  assert loaded.rope_parameters["rope_theta"] == 1e6 and loaded.eos_token_id == [3, im_end]
+  assert transformers.GenerationConfig.from_pretrained(tmp_path / "hf").temperature == 0.6

@@ -26,9 +26,10 @@ def check_tokenizer_matches(model_cfg: ModelConfig, metadata: dict[str, Any], to
 
 def load_model(checkpoint_dir: str | os.PathLike, *, step: int | None = None, tokenizer: Any = None,
                **config_overrides: Any) -> tuple[Decoder, dict[str, Any], int]:
-  """(model, metadata, step) from a checkpoint directory (``step=None``: the latest). ``config_overrides`` change
+  """(model, metadata, step) from a checkpoint directory (``step=None``: the latest). The model runs at the RoPE base
+  the checkpoint was trained at (``checkpoint.model_config_from_metadata``). ``config_overrides`` change
   compile-time fields only (e.g. ``dtype="float32"``, ``scan_layers=False``)."""
-  from nanbeige_jax.checkpoint import CheckpointManager
+  from nanbeige_jax.checkpoint import CheckpointError, CheckpointManager, model_config_from_metadata
   from nanbeige_jax.hf import decoder_from_params
   manager = CheckpointManager(checkpoint_dir, max_to_keep=None, async_save=False, create=False)
   try:
@@ -37,9 +38,10 @@ def load_model(checkpoint_dir: str | os.PathLike, *, step: int | None = None, to
       raise ValueError(f"{checkpoint_dir}: no committed checkpoint step")
     metadata = manager.read_metadata(step)
     where = f"{checkpoint_dir} step {step}"
-    if "model_config" not in metadata:
-      raise ValueError(f"{where}: metadata has no model_config")
-    stored_cfg = ModelConfig.from_dict(metadata["model_config"])
+    try:
+      stored_cfg = model_config_from_metadata(metadata, where)  # the RoPE base it was trained at
+    except CheckpointError as e:
+      raise ValueError(str(e)) from None
     arch = sorted(set(config_overrides) & set(ModelConfig.ARCH_FIELDS))
     if arch:
       raise ValueError(f"load_model: {arch} are architecture fields fixed by the checkpoint")

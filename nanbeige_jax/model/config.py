@@ -83,10 +83,11 @@ class ModelConfig:
   def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
     return cls().replace(**d)
 
-  # Fields that define the parameter tree and the function it computes. Compile-time knobs are excluded so a
-  # checkpoint saved with scan_layers=True restores into scan_layers=False, bf16 compute into fp32 compute, etc.
+  # Fields that define the parameter tree and the function it computes (the RoPE base included: parameters trained
+  # at one base compute another function at another). Compile-time knobs are excluded so a checkpoint saved with
+  # scan_layers=True restores into scan_layers=False, bf16 compute into fp32 compute, etc.
   ARCH_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                 "intermediate_size", "rms_norm_eps", "tie_word_embeddings")
+                 "intermediate_size", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
 
   def arch_dict(self) -> dict[str, Any]:
     return {k: getattr(self, k) for k in self.ARCH_FIELDS}
