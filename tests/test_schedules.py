@@ -298,3 +298,18 @@ def test_plain_wsd_helper():
   assert [b.kind for b in schedule.boundaries()] == ["warmup_end", "decay_start"]
   assert float(schedule.lr(1100 + 150)) == pytest.approx(0.5e-3, rel=1e-6)
   assert float(schedule.lr(1400)) == 0.0
+
+
+def test_first_step_trains_at_a_nonzero_lr():
+  """Issue 11 item 7: the trainer asked for the LR at the start of a step's tokens, so step 0 ran at LR 0."""
+  from nanbeige_jax.optim.schedules import wsd_schedule
+  schedule = wsd_schedule(1000, 3000, 1000, 1e-3, 1e-5, {"web": 1.0}, decay_shape="linear")
+  step_tokens = 100
+  assert schedule.lr_host(0) == 0.0
+  assert schedule.step_lr(0, step_tokens) == pytest.approx(1e-3 * 100 / 1000)  # (step + 1) / warmup_steps
+  lrs = [schedule.step_lr(t, step_tokens) for t in range(0, schedule.total_tokens, step_tokens)]
+  assert all(lr > 0 for lr in lrs) and lrs[9] == 1e-3 and lrs[-1] == pytest.approx(1e-5)
+  # Keyed on tokens: the same span end gives the same LR whatever the step size.
+  assert schedule.step_lr(150, 50) == schedule.step_lr(100, 100) == schedule.lr_host(200)
+  with pytest.raises(ValueError, match="step_tokens"):
+    schedule.step_lr(0, 0)

@@ -6,7 +6,8 @@ no mixture / sequence-length / RoPE-base switch may land on the step where the w
 
 Timeline (all positions in tokens, exact Python ints on the host):
 
-  [0, W)            warmup phase: LR 0 -> peak linearly; data of the first stable phase (or ``warmup_mixture``)
+  [0, W)            warmup phase: LR 0 -> peak linearly; data of the first stable phase (or ``warmup_mixture``);
+                    a step is trained at the LR where its tokens end (``step_lr``), so the first step's LR is > 0
   [W, D)            stable phases: LR = peak
   [D, D + decay)    decay phases: LR peak -> final_lr with ``decay_shape``
   tokens >= total   LR = final_lr; ``phase_at`` keeps answering the last phase (the trainer overshoots by < 1 step)
@@ -363,6 +364,16 @@ class FGWSDSchedule:
     else:  # "1-sqrt": 1 - sqrt(x) = (1 - x) / (1 + sqrt(x))
       fraction = remaining / (1.0 + jnp.sqrt(x))
     return final + (peak - final) * fraction
+
+  def step_lr(self, tokens_seen: int, step_tokens: int) -> float:
+    """The LR of the optimizer step that trains on tokens ``[tokens_seen, tokens_seen + step_tokens)``: the
+    schedule at the end of that span (host, float64). Still keyed on tokens, and never 0 for the first step: with
+    a warmup of W tokens and B tokens per step the first step runs at ``peak * B / W`` (the usual
+    ``(step + 1) / warmup_steps``), the step that completes the warmup at the peak, and the last step of the decay
+    at ``final_lr``. (``lr_host(tokens_seen)``, the LR at the start of the span, is 0 for the first step.)"""
+    step_tokens = _whole_tokens(step_tokens, "FGWSDSchedule.step_lr(step_tokens)", allow_zero=False)
+    tokens_seen = _whole_tokens(tokens_seen, "FGWSDSchedule.step_lr(tokens_seen)", allow_zero=True)
+    return self.lr_host(tokens_seen + step_tokens)
 
   def lr_host(self, tokens_seen: int) -> float:
     """The same schedule in float64 on the host (reference for tests, logging, and step-0 printing)."""
