@@ -6,6 +6,12 @@
 * ``splash``: the Pallas TPU splash-attention kernel (causal mask + segment ids), wrapped in ``shard_map`` when a
   mesh is active.
 * ``auto``: splash on TPU, cudnn on GPU, xla elsewhere.
+
+The ``xla`` path materialises fp32 (T, T) scores for every head of every row: ``num_heads * T * T * 4`` bytes a row
+(~86 GB for one 32K row of Nanbeige4-3B). ``check_attention_memory(cfg, batch, seq_len)`` refuses a configuration
+whose resolved kernel is ``xla`` with more than ``ModelConfig.max_xla_attention_bytes`` of scores a row, naming
+the numbers; a stage calls it before compiling, and the attention layer enforces it while tracing (the KV-cache
+path of generation is exempt: it is the only path that reads a cache).
 """
 from __future__ import annotations
 
@@ -105,10 +111,38 @@ def splash_attention(q, k, v, segment_ids, interpret: bool | None = None):
                        check_vma=False)(q, k, v, segment_ids)
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, platform: str | None = None) -> str:
   if impl != "auto":
     return impl
-  return {"tpu": "splash", "gpu": "cudnn"}.get(target_platform(), "xla")
+  return {"tpu": "splash", "gpu": "cudnn"}.get(platform or target_platform(), "xla")
+
+
+def xla_score_bytes(num_heads: int, seq_len: int) -> int:
+  """Bytes of the fp32 (T, T) attention scores the xla path materialises for one row (all heads)."""
+  return int(num_heads) * int(seq_len) * int(seq_len) * 4
+
+
+def _gb(n: int) -> str:
+  return f"{n / 1e9:.3g} GB"
+
+
+def check_attention_memory(cfg, batch: int, seq_len: int, platform: str | None = None) -> None:
+  """ValueError when ``cfg`` would run the xla attention (``attention_impl`` resolved for ``platform``, default: the
+  compile target) on rows of ``seq_len`` tokens with more than ``cfg.max_xla_attention_bytes`` of (T, T) scores a
+  row; ``batch``: rows per forward call (a micro-batch), reported with the total."""
+  limit = cfg.max_xla_attention_bytes
+  impl = resolve_impl(cfg.attention_impl, platform)
+  if limit is None or impl != "xla":
+    return
+  per_row = xla_score_bytes(cfg.num_heads, seq_len)
+  if per_row <= limit:
+    return
+  resolved = ("" if cfg.attention_impl == impl
+              else f" (resolved from {cfg.attention_impl!r} on {platform or target_platform()})")
+  raise ValueError(f"ModelConfig.attention_impl={impl!r}{resolved} would materialise fp32 (T, T) attention scores of "
+                   f"{_gb(per_row)} per row ({cfg.num_heads} heads x {seq_len}^2 x 4 bytes; {_gb(per_row * batch)} for "
+                   f"a batch of {batch} rows) > ModelConfig.max_xla_attention_bytes={_gb(limit)}; use "
+                   f"attention_impl='auto' (splash on TPU, cudnn on GPU), shorter rows, or raise the limit")
 
 
 class Attention(nnx.Module):
@@ -117,6 +151,7 @@ class Attention(nnx.Module):
     d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.dtype = dtype_of(cfg.dtype)
     self.impl = cfg.attention_impl
+    self.cfg = cfg
     self.q_proj = make_param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd, std, stack)
     self.k_proj = make_param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd, std, stack)
     self.v_proj = make_param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd, std, stack)
@@ -148,6 +183,7 @@ class Attention(nnx.Module):
     else:
       impl = resolve_impl(self.impl)
       if impl == "xla":
+        check_attention_memory(self.cfg, b, t)
         seg = segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32)
         idx = jnp.broadcast_to(jnp.arange(t), (b, t))
         out = xla_attention(q, k, v, attention_mask(idx, jnp.arange(t), seg, seg))

@@ -39,6 +39,9 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: str = "none"
   attention_impl: str = "xla"
+  # The xla attention kernel materialises fp32 (T, T) scores: refuse more than this many bytes of them a row
+  # (``attention.check_attention_memory``); None: no limit. 8 GiB: Nanbeige4-3B (20 heads) up to ~10K tokens.
+  max_xla_attention_bytes: int | None = 8 * 2**30
 
   def __post_init__(self):
     positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -61,6 +64,9 @@ class ModelConfig:
         raise ValueError(f"ModelConfig.{name}: expected one of {DTYPES}, found {getattr(self, name)!r}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat_policy: expected one of {REMAT_POLICIES}, found {self.remat_policy!r}")
+    limit = self.max_xla_attention_bytes
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
+      raise ValueError(f"ModelConfig.max_xla_attention_bytes: expected a positive int or None, found {limit!r}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"ModelConfig.attention_impl: expected one of {ATTENTION_IMPLS}, "
                        f"found {self.attention_impl!r}")
