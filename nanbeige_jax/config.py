@@ -12,6 +12,11 @@ import os
 from typing import Any, Sequence
 
 import gin
+from absl import flags as _absl_flags
+
+# The flags defined by the helpers below belong to the launcher that calls them (absl's ``--help`` lists only the
+# main module's flags), not to this module.
+_absl_flags.disclaim_key_flags()
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
@@ -97,16 +102,19 @@ def as_dict(obj: Any) -> Any:
   return obj
 
 
-def define_gin_flags(default_files: Sequence[str], example_binding: str) -> None:
-  """The absl flags every launcher shares: ``--gin_file`` (repeatable) and ``--gin_param`` (repeatable)."""
+def define_gin_flags(default_files: Sequence[str], example_binding: str, flag_values: Any = None) -> None:
+  """The absl flags every launcher shares: ``--gin_file`` (repeatable) and ``--gin_param`` (repeatable), listed by
+  the launcher's ``--help``. ``flag_values``: the FlagValues to define them in (default: absl's FLAGS)."""
   from absl import flags
-  flags.DEFINE_multi_string("gin_file", list(default_files), "Gin files (relative to configs/ or a path).")
-  flags.DEFINE_multi_string("gin_param", [], f"Gin bindings, e.g. {example_binding}.")
+  kw = {"flag_values": flags.FLAGS if flag_values is None else flag_values}
+  flags.DEFINE_multi_string("gin_file", list(default_files), "Gin files (relative to configs/ or a path).", **kw)
+  flags.DEFINE_multi_string("gin_param", [], f"Gin bindings, e.g. {example_binding}.", **kw)
 
 
-def define_run_flags(default_workdir: str, workdir_help: str) -> None:
-  """The flags of a training launcher: ``--workdir``, ``--fresh``, ``--max_steps``."""
+def define_run_flags(default_workdir: str, workdir_help: str, flag_values: Any = None) -> None:
+  """The flags of a training launcher: ``--workdir``, ``--fresh``, ``--max_steps`` (listed by its ``--help``)."""
   from absl import flags
-  flags.DEFINE_string("workdir", default_workdir, workdir_help)
-  flags.DEFINE_bool("fresh", False, "Start over even if the workdir holds checkpoints (they are moved aside).")
-  flags.DEFINE_integer("max_steps", None, "Stop after this many steps in total (smoke runs).")
+  kw = {"flag_values": flags.FLAGS if flag_values is None else flag_values}
+  flags.DEFINE_string("workdir", default_workdir, workdir_help, **kw)
+  flags.DEFINE_bool("fresh", False, "Start over even if the workdir holds checkpoints (they are moved aside).", **kw)
+  flags.DEFINE_integer("max_steps", None, "Stop after this many steps in total (smoke runs).", **kw)

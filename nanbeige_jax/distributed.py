@@ -24,6 +24,10 @@ import os
 from typing import Any, Mapping
 
 import jax
+from absl import flags as _absl_flags
+
+# define_distributed_flags' flags belong to the launcher that calls it (absl's --help lists the main module's flags).
+_absl_flags.disclaim_key_flags()
 
 MODES = ("explicit", "slurm", "tpu", "single")
 
@@ -92,16 +96,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                          local_devices=jax.local_device_count(), global_devices=jax.device_count())
 
 
-def define_distributed_flags() -> None:
-  """Define --coordinator_address, --num_processes and --process_id (idempotent) for absl launchers."""
+def define_distributed_flags(flag_values: Any = None) -> None:
+  """Define --coordinator_address, --num_processes and --process_id (idempotent) for absl launchers, as flags of
+  the calling module (so the launcher's ``--help`` lists them)."""
   from absl import flags
-  if "coordinator_address" in flags.FLAGS:
+  flag_values = flags.FLAGS if flag_values is None else flag_values
+  if "coordinator_address" in flag_values:
     return
+  kw = {"flag_values": flag_values}
   flags.DEFINE_string("coordinator_address", None,
                       "HOST:PORT of process 0's coordinator for hand-started multi-process runs; leave unset on "
-                      "TPU pods and under SLURM (auto-detected) and for single-process runs.")
-  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-  flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (with --coordinator_address).")
+                      "TPU pods and under SLURM (auto-detected) and for single-process runs.", **kw)
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).", **kw)
+  flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (with --coordinator_address).",
+                       **kw)
 
 
 def initialize_from_flags() -> DistributedInfo:
