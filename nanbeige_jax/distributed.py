@@ -19,12 +19,13 @@ How the processes of a run find each other, in order of precedence:
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 from typing import Any, Mapping
 
 import jax
 from absl import flags as _absl_flags
+
+from nanbeige_jax import platform
 
 # define_distributed_flags' flags belong to the launcher that calls it (absl's --help lists the main module's flags).
 _absl_flags.disclaim_key_flags()
@@ -46,9 +47,7 @@ class DistributedInfo:
 
 
 def _tpu_vm_present(env: Mapping[str, str]) -> bool:
-  if env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_ACCELERATOR_TYPE"):
-    return True
-  return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+  return platform.tpu_present(env)
 
 
 def detect_mode(env: Mapping[str, str] | None = None, coordinator_address: str | None = None,

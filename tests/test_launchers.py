@@ -60,3 +60,41 @@ def test_help_lists_every_flag():
   assert not missing, f"flags missing from --help: {missing}"
   assert {"gin_file", "gin_param", "workdir", "fresh", "max_steps", "coordinator_address"} <= _expected_flags(
       REPO / "launch" / "pretrain.py")
+
+
+def test_cpu_machine_output_has_no_libtpu_errors_or_library_info(tmp_path):
+  """Issue 11 item 7: with the tpu extra (libtpu) installed, a command on a machine without a TPU printed libtpu's
+  initialisation errors, and orbax's INFO lines reached the terminal. Runs the real converter both ways."""
+  import numpy as np
+
+  from nanbeige_jax import hf
+  from nanbeige_jax.model import get_preset
+  cfg = get_preset("test")
+  rng = np.random.default_rng(0)
+  tree: dict = {}
+  for path, shape in hf.native_shapes(cfg).items():
+    hf._set_path(tree, path, rng.standard_normal(shape).astype(np.float32))
+  hf.save_hf_dir(tmp_path / "hf", cfg, tree, dtype="float32")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  env["PYTHONPATH"] = str(REPO)
+  for direction, src, dst in (("hf_to_native", "hf", "native"), ("native_to_hf", "native", "hf_again")):
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "convert_hf.py"), f"--direction={direction}",
+                           f"--src={tmp_path / src}", f"--dst={tmp_path / dst}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not re.search(r"TPU|libtpu|jellyfish|InitGoogle", proc.stderr), proc.stderr[-3000:]
+    assert not re.search(r"^I\d{4} ", proc.stderr, flags=re.M), proc.stderr[-3000:]  # absl INFO lines
+    assert proc.stdout.startswith("imported" if direction == "hf_to_native" else "exported")
+
+
+def test_skip_absent_tpu_only_when_nothing_else_decides():
+  from nanbeige_jax import platform
+  if not platform._installed("libtpu") or any(platform._installed(p) for p in platform._GPU_PLUGINS):
+    pytest.skip("needs libtpu installed and no GPU plugin (the tpu extra on a CPU machine)")
+  if platform.tpu_present({}):
+    pytest.skip("this machine has a TPU")
+  env: dict = {}
+  assert platform.skip_absent_tpu(env) == "cpu" and env == {"JAX_PLATFORMS": "cpu"}
+  for chosen in ({"JAX_PLATFORMS": "tpu"}, {"JAX_PLATFORMS": ""}, {"TPU_ACCELERATOR_TYPE": "v5litepod-8"}):
+    env = dict(chosen)
+    assert platform.skip_absent_tpu(env) is None and env == chosen
