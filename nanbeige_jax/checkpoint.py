@@ -7,8 +7,10 @@ Layout (orbax-checkpoint ``CheckpointManager``, one directory per step)::
       params/                    # orbax PyTree item: the model parameters (pure nested dict), OCDBT/zarr arrays
       opt_state/                 # orbax PyTree item: optimizer state (optional; absent in params-only checkpoints)
       data_state/metadata        # JSON: data-iterator state, e.g. grain's {"next_index": 12} (optional)
-      metadata/metadata          # JSON: build_metadata(...) -> format_version, model_config, model_fingerprint,
-                                 #       stage, tokenizer_fingerprint, package versions, created_utc, extra
+      metadata/metadata          # JSON: build_metadata(...) -> format_version, model_config (at the operative
+                                 #       rope_theta), model_fingerprint, rope_theta, phase, stage,
+                                 #       tokenizer_fingerprint, package versions, created_utc, extra
+      checksums/metadata         # JSON: {"algorithm", "params": {key path: "dtype:hex"}, "opt_state": {...}}
       _CHECKPOINT_METADATA, commit_success.txt   # orbax bookkeeping
 
 A step is written into ``<step>.orbax-checkpoint-tmp`` and renamed to ``<step>`` only once every item is on disk,
@@ -18,6 +20,16 @@ restores onto any other mesh/sharding (or into host numpy arrays). Restore is st
 shapes differ from what is stored is an error naming the first mismatching key path (dtype casts are allowed);
 ``opt_state_target(tx, params_target)`` builds the optimizer-state target. Every failure to read a step raises
 ``CheckpointError`` naming the path; ``verify_step`` is the cheap completeness check.
+
+Integrity: every array's checksum (``nanbeige_jax.checksums``: computed on the global value, the same on any mesh
+and any process count) is stored at save and verified on every restore, in the stored dtype before any cast; a
+mismatch, undecodable data, a missing item or unreadable JSON is ``CorruptCheckpointError``; a storage failure
+(permission denied, network filesystem unavailable, timeout) is ``CheckpointReadError`` and says nothing about the
+step. ``verify_arrays`` reads a step back without keeping it (keep-last-N counts a step only once it passed).
+Checkpoints written before checksums existed restore with a warning that their arrays are unverified.
+Metadata helpers (``build_metadata``, ``model_config_from_metadata``, ``check_model_config``) live in
+``checkpoint_metadata``, tree helpers in ``checkpoint_trees``, the errors in ``checkpoint_errors``; all are
+re-exported here.
 """
 from __future__ import annotations
 
@@ -25,18 +37,22 @@ import dataclasses
 import json
 import logging
 import pathlib
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from nanbeige_jax import checksums
+from nanbeige_jax.checkpoint_errors import (CheckpointError, CheckpointReadError, CorruptCheckpointError, is_transient,
+                                            read_failure as _read_failure)
+from nanbeige_jax.checkpoint_trees import (_check_tree_matches, _flat, _host_restore_args, _path_str,
+                                           _prepare_for_save, _restore_args, _with_dtype, opt_state_target)
 from nanbeige_jax.checkpoint_metadata import (FORMAT_VERSION, build_metadata, check_json as _check_json,
                                               check_model_config, model_config_from_metadata)
 
-__all__ = ["CheckpointError", "CorruptCheckpointError", "CheckpointReadError", "CheckpointManager", "Restored",
+__all__ = ["CheckpointError", "CorruptCheckpointError", "CheckpointReadError", "is_transient", "CheckpointManager",
+           "Restored",
            "build_metadata", "check_model_config", "model_config_from_metadata", "opt_state_target",
            "save_params_checkpoint", "load_params_checkpoint", "FORMAT_VERSION"]
 
@@ -51,176 +67,6 @@ JSON_FILENAME = "metadata"  # file name inside a JSON item directory
 TMP_SUFFIX = ocp.path.step.TMP_DIR_SUFFIX
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint is missing, incomplete, corrupt, or does not match what the caller asked for."""
-
-
-class CorruptCheckpointError(CheckpointError):
-  """The step's bytes are bad: an array's checksum differs, array data cannot be decoded, an item is missing or its
-  JSON is unreadable. Fallback may move such a step aside."""
-
-
-class CheckpointReadError(CheckpointError):
-  """Reading failed for a reason that says nothing about the step's bytes (permission denied, network filesystem
-  unavailable, timeout): retry later; never a reason to move the step aside."""
-
-
-_TRANSIENT_TYPES = (PermissionError, ConnectionError, TimeoutError, InterruptedError, BlockingIOError)
-_TRANSIENT_CODES = ("PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED",
-                    "CANCELLED", "UNAUTHENTICATED")
-
-
-def is_transient(err: BaseException) -> bool:
-  """Whether ``err`` (or an exception it was raised from) is an I/O failure of the storage, not of the data:
-  the OS's permission/connection/timeout errors, or tensorstore's statuses with those codes."""
-  seen = set()
-  while err is not None and id(err) not in seen:
-    seen.add(id(err))
-    if isinstance(err, _TRANSIENT_TYPES) or any(code in str(err) for code in _TRANSIENT_CODES):
-      return True
-    err = err.__cause__ or err.__context__
-  return False
-
-
-def _read_failure(message: str, err: BaseException) -> CheckpointError:
-  """The error for a failed read of checkpoint bytes: transient (CheckpointReadError) or corruption."""
-  if is_transient(err):
-    return CheckpointReadError(f"{message}: {type(err).__name__}: {err} (a storage error, not corruption: the step "
-                               f"is left in place; retry once the filesystem is reachable)")
-  return CorruptCheckpointError(f"{message}: {type(err).__name__}: {err}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tree helpers
-
-
-def _key_name(key: Any) -> str:
-  for attr in ("key", "idx", "name"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def _path_str(path: Iterable[Any]) -> str:
-  return "/".join(_key_name(k) for k in path) or "<root>"
-
-
-def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  """Key path -> shape for every leaf; empty nodes (None, optax EmptyState) have no leaves."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {_path_str(path): tuple(getattr(leaf, "shape", np.shape(leaf))) for path, leaf in flat}
-
-
-def _check_tree_matches(item: str, item_dir: pathlib.Path, stored_tree: Any, target: Any) -> None:
-  stored = _flat_shapes(stored_tree)
-  wanted = _flat_shapes(target)
-  for key in list(stored) + [k for k in wanted if k not in stored]:
-    if key not in wanted:
-      raise CheckpointError(f"{item_dir}: restore target for {item!r} does not match the checkpoint: first mismatch "
-                            f"at {key!r}: stored with shape {stored[key]}, absent from the target")
-    if key not in stored:
-      raise CheckpointError(f"{item_dir}: restore target for {item!r} does not match the checkpoint: first mismatch "
-                            f"at {key!r}: target expects shape {wanted[key]}, not found in the checkpoint")
-    if stored[key] != wanted[key]:
-      raise CheckpointError(f"{item_dir}: restore target for {item!r} does not match the checkpoint: first mismatch "
-                            f"at {key!r}: target expects shape {wanted[key]}, checkpoint has {stored[key]}")
-
-
-def _concrete_sharding(path: str, sharding: Any) -> Any:
-  """Orbax cannot place arrays on an AbstractMesh (what ``nnx.eval_shape`` under ``jax.set_mesh`` produces); swap in
-  the concrete mesh from ``jax.set_mesh`` when it has the same axes, else fail with the fix."""
-  if not (isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, AbstractMesh)):
-    return sharding
-  mesh = jax.sharding.get_mesh()
-  abstract = sharding.mesh
-  if (isinstance(mesh, Mesh) and not mesh.empty and tuple(mesh.axis_names) == tuple(abstract.axis_names)
-      and tuple(mesh.axis_sizes) == tuple(abstract.axis_sizes)):
-    return NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
-  raise CheckpointError(f"restore target at {path!r} has a NamedSharding on an AbstractMesh {dict(abstract.shape)} "
-                        f"(from nnx.eval_shape under jax.set_mesh); restore inside `with jax.set_mesh(mesh):` with "
-                        f"that concrete mesh, or rebuild the target as NamedSharding(mesh, x.sharding.spec)")
-
-
-def _restore_args(target: Any) -> Any:
-  """Per-leaf orbax RestoreArgs: a sharded leaf restores as a jax.Array placed on that sharding; a leaf without a
-  sharding (numpy array or ShapeDtypeStruct with sharding=None) restores as a host numpy array."""
-  def one(path, leaf):
-    where = _path_str(path)
-    if isinstance(leaf, (jax.ShapeDtypeStruct, jax.Array)):
-      sharding = getattr(leaf, "sharding", None)
-      if sharding is None:
-        return ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.dtype(leaf.dtype))
-      return ocp.ArrayRestoreArgs(sharding=_concrete_sharding(where, sharding), global_shape=tuple(leaf.shape),
-                                  dtype=leaf.dtype, strict=True)
-    if isinstance(leaf, (np.ndarray, np.generic)):
-      return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
-    raise CheckpointError(f"restore target leaf at {where!r} is a {type(leaf).__name__}; expected "
-                          f"jax.ShapeDtypeStruct (with .sharding for a device array), jax.Array or np.ndarray")
-  return jax.tree_util.tree_map_with_path(one, target)
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-  """Key path -> leaf (the keys the checksums item is written with)."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {_path_str(path): leaf for path, leaf in flat}
-
-
-def _with_dtype(leaf: Any, dtype: Any) -> Any:
-  """``leaf`` as a restore target in the stored ``dtype`` (verification hashes the stored bytes)."""
-  if dtype is None or np.dtype(leaf.dtype) == np.dtype(dtype):
-    return leaf
-  if isinstance(leaf, (np.ndarray, np.generic)):
-    return np.zeros(leaf.shape, dtype)
-  return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=getattr(leaf, "sharding", None))
-
-
-def _host_restore_args(stored_tree: Any) -> Any:
-  return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored_tree)
-
-
-def _prepare_for_save(item: str, tree: Any) -> Any:
-  """Validate leaves; in a multi-process run a host-local scalar jax.Array becomes numpy (orbax cannot serialise
-  host-local jax.Arrays there) and a larger host-local array is an error."""
-  multi_process = jax.process_count() > 1
-
-  def one(path, leaf):
-    if isinstance(leaf, jax.Array):
-      if multi_process and leaf.is_fully_addressable:
-        if leaf.ndim == 0:
-          return np.asarray(leaf)
-        raise CheckpointError(f"{item}/{_path_str(path)}: host-local jax.Array of shape {leaf.shape} in a "
-                              f"{jax.process_count()}-process run; place it on a global mesh "
-                              f"(jax.device_put(x, NamedSharding(mesh, spec))) before saving")
-      return leaf
-    if isinstance(leaf, (np.ndarray, np.generic, int, float, bool)):
-      return leaf
-    raise CheckpointError(f"{item}/{_path_str(path)}: cannot save a leaf of type {type(leaf).__name__}; expected "
-                          f"jax.Array or numpy (pass pure dicts, e.g. nnx.to_pure_dict(nnx.state(model, nnx.Param)))")
-
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    raise CheckpointError(f"{item}: nothing to save (the tree has no array leaves)")
-  return jax.tree_util.tree_map_with_path(one, tree)
-
-
-def opt_state_target(tx: Any, params_target: Any) -> Any:
-  """Restore target for an optax state: ``jax.eval_shape(tx.init, params)`` with each parameter-shaped subtree
-  (adam mu/nu, ...) taking the shardings of ``params_target`` and every other leaf (step counts) replicated on the
-  params' mesh (globally sharded, as multi-process restores need); host numpy when params_target has no shardings."""
-  abstract = jax.eval_shape(tx.init, params_target)
-  shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(params_target)]
-  named = [s for s in shardings if isinstance(s, NamedSharding)]
-  replicated = NamedSharding(named[0].mesh, PartitionSpec()) if named else None
-
-  def param_leaf(state_leaf, param_leaf):
-    return jax.ShapeDtypeStruct(state_leaf.shape, state_leaf.dtype, sharding=getattr(param_leaf, "sharding", None))
-
-  def other_leaf(state_leaf):
-    return jax.ShapeDtypeStruct(state_leaf.shape, state_leaf.dtype, sharding=replicated)
-
-  import optax
-  return optax.tree_map_params(tx, param_leaf, abstract, params_target,
-                               transform_non_params=lambda x: jax.tree.map(other_leaf, x))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import importlib.metadata
 import json
 from typing import Any
 
+from nanbeige_jax.checkpoint_errors import CheckpointError
+
 FORMAT_VERSION = 2  # 2: rope_theta/phase in the metadata, per-array checksums item
 _VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
 
@@ -64,7 +66,6 @@ def model_config_from_metadata(metadata: dict, where: str = "checkpoint"):
   """The ``ModelConfig`` a checkpoint was trained as, with the operative RoPE base (``metadata["rope_theta"]``
   when recorded, else the stored ``model_config``'s). Raises ``CheckpointError`` naming ``where`` when the
   metadata has no valid model_config."""
-  from nanbeige_jax.checkpoint import CheckpointError
   from nanbeige_jax.model import ModelConfig
   stored = metadata.get("model_config")
   if not isinstance(stored, dict):
@@ -82,7 +83,6 @@ def check_model_config(metadata: dict, model_cfg, *, rope_theta: float | None = 
   (compile-time knobs such as scan_layers, remat_policy, dtype are free to differ); the message lists the differing
   fields. ``rope_theta``: the base the caller expects the checkpoint at (a resume into an FG-WSD phase passes that
   phase's base); None: ``model_cfg.rope_theta``."""
-  from nanbeige_jax.checkpoint import CheckpointError
   expected = model_cfg if rope_theta is None else model_cfg.replace(rope_theta=float(rope_theta))
   stored = model_config_from_metadata(metadata)
   if stored.fingerprint() == expected.fingerprint():
