@@ -22,9 +22,9 @@ no target (weight 0).
 Packing (``pack_row``): whole conversations, next-fit, in stream order, each a segment (ids 1, 2, ...) with
 positions restarting at 0, the row's tail padded (segment 0, weight 0); the model's ``segment_ids`` keep attention
 inside each conversation. A conversation is never split across rows (a continuation would lose its prompt).
-Overlong conversations are dropped (``overlong="drop"``, the default: a truncated assistant turn has no
-``<|im_end|>`` and would teach the model never to stop) or truncated to ``seq_len`` (``"truncate"``); conversations
-with no assistant token left are dropped. Both are counted (``SFTMixtureIterator.stats``), as are conversations
+Overlong conversations are dropped (``overlong="drop"``, what a stage should use: a truncated assistant turn has
+no ``<|im_end|>`` and would teach the model never to stop) or truncated to ``seq_len`` (``"truncate"``);
+conversations with no assistant token left are dropped. Both are counted (``SFTMixtureIterator.stats``), as are conversations
 whose message text writes chat markup such as ``<|im_end|>`` (``special_text``: rendered as plain text, never as
 the control ids; see ``chat_template``).
 
@@ -264,7 +264,7 @@ class Conversation:
 
 
 def render_conversation(messages: Sequence[Mapping[str, Any]], tokenizer: Any, *, max_len: int,
-                        overlong: str = "drop") -> Conversation | None:
+                        overlong: str = "truncate") -> Conversation | None:
   """Rendered ids and per-position loss weights (None: dropped, too long under ``"drop"`` or nothing to learn)."""
   if overlong not in OVERLONG_POLICIES:
     raise ValueError(f"overlong: expected one of {OVERLONG_POLICIES}, found {overlong!r}")
@@ -351,7 +351,7 @@ class SFTMixtureIterator(ShardedBatchIterator):
   """Packed, process-sharded global SFT batches from named chat sources under a per-call mixture."""
 
   def __init__(self, sources: Mapping[str, ChatSource], tokenizer: Any, *, batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1, split: str = "train", overlong: str = "drop",
+               process_index: int = 0, process_count: int = 1, split: str = "train", overlong: str = "truncate",
                max_cached_tokens: int = 20_000_000):
     super().__init__(sources, tokenizer, batch_size=batch_size, seed=seed, process_index=process_index,
                      process_count=process_count, split=split)
