@@ -288,7 +288,8 @@ class CheckpointManager:
       expected = stored_sums.get(item)
       if not isinstance(expected, dict):
         raise CorruptCheckpointError(f"{self.step_dir(step) / ITEM_CHECKSUMS}: no checksums for item {item!r}")
-      bad = checksums.mismatches(expected, checksums.tree_checksums(_flat(tree)))
+      as_dtypes = {k: checksums.stored_dtype(v) for k, v in expected.items() if isinstance(v, str)}
+      bad = checksums.mismatches(expected, checksums.tree_checksums(_flat(tree), as_dtypes))
       if bad:
         raise CorruptCheckpointError(f"{item_dir}: array data is corrupt: checksum mismatch in {len(bad)} of "
                                      f"{len(expected)} arrays (first: {bad[0]!r})")

@@ -94,9 +94,23 @@ def _format(dtype: Any, sums: np.ndarray) -> str:
   return f"{np.dtype(dtype).name}:{a:08x}{b:08x}"
 
 
-def tree_checksums(flat: dict[str, Any]) -> dict[str, str]:
+def stored_dtype(checksum: str) -> str:
+  """The dtype name a checksum was computed in (``"int64:..."`` -> ``"int64"``)."""
+  return checksum.split(":", 1)[0]
+
+
+def tree_checksums(flat: dict[str, Any], as_dtypes: dict[str, str] | None = None) -> dict[str, str]:
   """``{key path: "dtype:hex"}`` for a flat ``{key path: leaf}`` dict (jax.Array, numpy or Python scalar leaves).
-  Collective in a multi-process run (every process must call it with the same global arrays)."""
+  ``as_dtypes``: hash a leaf whose dtype differs from the one given for its key in that dtype (a 64-bit scalar saved
+  from numpy comes back 32-bit in a jax.Array when x64 is off; such a leaf is read to the host). Collective in a
+  multi-process run (every process must call it with the same global arrays)."""
+  as_dtypes = as_dtypes or {}
+  flat = dict(flat)
+  for key, value in flat.items():
+    want = as_dtypes.get(key)
+    if want is not None and np.dtype(getattr(value, "dtype", np.asarray(value).dtype)).name != want:
+      if not isinstance(value, jax.Array) or value.is_fully_addressable:
+        flat[key] = np.asarray(value).astype(want)
   device = {k: v for k, v in flat.items() if isinstance(v, jax.Array)}
   out: dict[str, str] = {}
   if device:

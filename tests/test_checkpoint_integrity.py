@@ -105,6 +105,12 @@ def test_restore_casts_after_verifying_the_stored_dtype(tmp_path, metadata):
     restored = manager.restore(1, params_target=target, params_only=True)
     assert restored.params["w"].dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(np.asarray(restored.params["w"]), _params(1)["w"].astype(ml_dtypes.bfloat16))
+    # 64-bit host scalars come back 32-bit in jax.Arrays (x64 off): verified in the dtype they were saved in.
+    manager.save(2, params=_params(2), opt_state={"count": 3, "x": np.int64(7)}, metadata=metadata)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"count": jax.ShapeDtypeStruct((), np.int32, sharding=device),
+              "x": jax.ShapeDtypeStruct((), np.int32, sharding=device)}
+    assert jax.device_get(manager.restore(2, opt_state_target=target).opt_state) == {"count": 3, "x": 7}
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
