@@ -359,9 +359,9 @@ def test_truncated_array_data_raises_with_path(setup, saved_step):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
   with ck.CheckpointManager(directory, create=False) as manager:
     manager.verify_step(7)  # structure is intact; the array bytes are not
-    with pytest.raises(ck.CheckpointError, match=re.escape(f"restoring {step_dir / 'params'} failed")):
+    with pytest.raises(ck.CorruptCheckpointError, match=re.escape(f"restoring {step_dir / 'params'} failed")):
       manager.restore(7, params_target=params_target(setup, single_device_mesh()))
-    with pytest.raises(ck.CheckpointError, match=re.escape(f"restoring {step_dir / 'params'} failed")):
+    with pytest.raises(ck.CorruptCheckpointError, match=re.escape(f"restoring {step_dir / 'params'} failed")):
       manager.restore(7)
 
 
