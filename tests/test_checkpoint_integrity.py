@@ -60,6 +60,11 @@ def test_checksum_is_layout_independent_and_sensitive():
             "i32": rng.integers(-5, 5, (32,)).astype(np.int32), "bool": rng.random((4, 8)) > 0.5,
             "scalar": np.float32(3.5)}
   host = checksums.tree_checksums(arrays)
+  for key, value in arrays.items():  # the numpy implementation (8-byte dtypes) agrees with the jitted one
+    assert checksums._format(np.asarray(value).dtype, checksums._numpy_leaf(np.asarray(value))) == host[key], key
+  wide = {"i64": np.arange(12, dtype=np.int64).reshape(3, 4), "f64": np.linspace(0, 1, 5)}
+  wide_sums = checksums.tree_checksums(wide)
+  assert wide_sums["i64"].startswith("int64:") and wide_sums["f64"].startswith("float64:")
   mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
   placed = {k: jax.device_put(v, NamedSharding(mesh, P("data", "fsdp") if v.ndim == 2 else P()))
             for k, v in arrays.items()}
