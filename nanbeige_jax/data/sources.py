@@ -1,5 +1,7 @@
 """Document sources: files (text, JSONL, Parquet, ArrayRecord), TFDS, and three built-in offline domains.
 
+File paths and globs go through the path layer (``nanbeige_jax.paths``): local disk or ``gs://`` and other schemes.
+
 A source is a random-access collection of documents (``str``) with a deterministic train/eval split. The split of
 document ``i`` is decided by a stable 64-bit hash of ``(split_salt, i)``: it is ``eval`` iff the hash, as a fraction
 of 2**64, is below ``eval_fraction``. When that leaves the eval split empty for a source of >= 2 documents, the
@@ -18,19 +20,21 @@ pipelines are grain ``MapDataset``s over document indices (``index_dataset``).
 from __future__ import annotations
 
 import functools
-import glob
 import importlib.resources
+import io
 import json
 import os
 import pathlib
 import re
 import sysconfig
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import grain
 import numpy as np
 
+from nanbeige_jax import paths as path_layer
 from nanbeige_jax.data.tasks import arithmetic
 
 SPLITS = ("train", "eval")
@@ -46,15 +50,16 @@ def _split_hash(indices: np.ndarray, salt: int) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _resolve_paths(name: str, paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[pathlib.Path]:
-  """Expands globs; every pattern must match at least one file."""
+def _resolve_paths(name: str, paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+  """Expands globs (local or any path-layer scheme, e.g. ``gs://b/data/*.jsonl``); every pattern must match at
+  least one file."""
   if isinstance(paths, (str, os.PathLike)):
     paths = [paths]
-  resolved: list[pathlib.Path] = []
+  resolved: list[str] = []
   for pattern in paths:
-    pattern = str(pattern)
-    matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-    files = [pathlib.Path(m) for m in matches if pathlib.Path(m).is_file()]
+    pattern = os.fspath(pattern)
+    matches = path_layer.glob(pattern) if path_layer.has_magic(pattern) else [pattern]
+    files = [m for m in matches if path_layer.is_file(m)]
     if not files:
       raise ValueError(f"source {name!r}: no file matches {pattern!r}")
     resolved.extend(files)
@@ -179,7 +184,7 @@ class TextFileSource(DocumentSource):
     documents: list[str] = []
     for path in self.paths:
       try:
-        text = path.read_text(encoding=self.encoding)
+        text = path_layer.read_bytes(path).decode(self.encoding)
       except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not valid {self.encoding} text ({err})") from err
       if self.doc_per == "file":
@@ -226,7 +231,7 @@ class JsonlSource(DocumentSource):
     documents: list[str] = []
     skipped = 0
     for path in self.paths:
-      with open(path, encoding="utf-8") as handle:
+      with path_layer.open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
           if not line.strip():
             continue
@@ -263,7 +268,8 @@ class ParquetSource(DocumentSource):
     documents: list[str] = []
     for path in self.paths:
       try:
-        schema = pq.read_schema(path)
+        data = pa.BufferReader(path_layer.read_bytes(path))
+        schema = pq.read_schema(data)
       except pa.ArrowException as err:
         raise ValueError(f"{path}: not a readable parquet file ({err})") from err
       if self.text_column not in schema.names:
@@ -271,7 +277,7 @@ class ParquetSource(DocumentSource):
       field_type = schema.field(self.text_column).type
       if not (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)):
         raise ValueError(f"{path}: column {self.text_column!r} has type {field_type}, expected string")
-      column = pq.read_table(path, columns=[self.text_column]).column(self.text_column)
+      column = pq.read_table(data, columns=[self.text_column]).column(self.text_column)
       if column.null_count:
         first_null = column.to_pylist().index(None)
         raise ValueError(f"{path}: column {self.text_column!r} row {first_null} is null")
@@ -300,7 +306,10 @@ class ArrayRecordSource(DocumentSource):
 
   @functools.cached_property
   def _reader(self) -> Any:
-    return grain.sources.ArrayRecordDataSource([str(p) for p in self.paths])
+    # ArrayRecord reads local files (or a FUSE mount such as gcsfuse); other schemes are copied to a local cache once.
+    cache_dir = tempfile.mkdtemp(prefix="nanbeige_array_record_") if any(
+        not path_layer.is_local(p) for p in self.paths) else ""
+    return grain.sources.ArrayRecordDataSource([path_layer.local_copy(p, cache_dir) for p in self.paths])
 
   def num_documents(self) -> int:
     return len(self._reader)
