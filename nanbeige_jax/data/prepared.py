@@ -1,0 +1,297 @@
+"""Training batches from prepared shards (``launch/prepare_data.py``): grain reads, per-process rows, exact resume.
+
+``PreparedMixtureIterator`` has the interface, batch keys, dtypes and per-row source draw of ``MixtureIterator``
+(``next_batch(weights, seq_len)``, ``get_state``/``set_state``, ``eval_batches``), over sources prepared by
+``nanbeige_jax.data.prepare`` instead of raw text.
+
+A source's stream is its prepared documents (``[bos] + tokens + [eos]``, ``packing.document_sequence``) end to end:
+the shards in an order reshuffled every epoch (seeded by the iterator's seed and the source's position; in index
+order for ``split="eval"``), each shard's documents in their prepared (already shuffled) order. A packed row of
+``seq_len`` is the next ``seq_len`` tokens of its source's stream, cut into pieces at document ends exactly as
+``packing.fill_row`` cuts them, so a source's state is one integer: its token position in the stream.
+
+Per process: the source of every global row comes from ``draw_row_sources`` (as in ``MixtureIterator``); the start
+of a row is its source's position plus ``seq_len`` times the number of earlier rows of the batch drawn from the same
+source (a vectorised count over the draw: a few integer ops per global row). Only this process's rows are located,
+read and packed, so its reading and packing work does not depend on the number of processes. Records are read with
+grain (a ``MapDataset`` over each shard's ``ArrayRecordDataSource``, fetched by ``read_threads`` threads); a
+shard's document lengths are loaded once, when a row first touches it.
+
+ArrayRecord reads local files (or a FUSE mount such as gcsfuse, which keeps reads per record). A shard on another
+scheme (``gs://``, ``memory://``) is copied whole to ``cache_dir`` when first touched: each process then downloads
+every shard of the stream window all processes are reading, so mount the bucket at pod scale.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grain
+import numpy as np
+
+from nanbeige_jax import paths
+from nanbeige_jax.data import packing
+from nanbeige_jax.data.mixture import _SEED_SALT, ShardedBatchIterator, draw_row_sources, validate_weights
+from nanbeige_jax.data.prepare import INDEX_FILE, INDEX_FORMAT, RECORD_DTYPE
+
+STATE_FORMAT = "nanbeige_jax.data.PreparedMixtureIterator/v1"
+
+
+class PreparedSource:
+  """One prepared split of one source: ``directory`` is ``<output_dir>/<source>`` (then ``split`` picks the
+  subdirectory) or the split directory itself (the one holding ``index.json``)."""
+
+  def __init__(self, directory: str | os.PathLike, split: str = "train", *, cache_dir: str | None = None):
+    directory = os.fspath(directory)
+    if not paths.exists(paths.join(directory, INDEX_FILE)) and paths.exists(paths.join(directory, split, INDEX_FILE)):
+      directory = paths.join(directory, split)
+    index_path = paths.join(directory, INDEX_FILE)
+    if not paths.exists(index_path):
+      raise ValueError(f"prepared source {directory!r}: no {INDEX_FILE} (not prepared, or preparation unfinished: "
+                       f"run launch/prepare_data.py again)")
+    self.index = json.loads(paths.read_text(index_path))
+    if self.index.get("format") != INDEX_FORMAT:
+      raise ValueError(f"{index_path}: format {self.index.get('format')!r}, expected {INDEX_FORMAT!r}")
+    if self.index["split"] != split:
+      raise ValueError(f"{index_path}: split {self.index['split']!r}, expected {split!r}")
+    if not self.index["shards"] or self.index["num_tokens"] <= 0:
+      raise ValueError(f"{index_path}: the prepared split is empty")
+    self.directory = directory
+    self.name = self.index["source"]
+    self.split = split
+    self.shard_tokens = np.array([s["tokens"] for s in self.index["shards"]], np.int64)
+    self.shard_documents = np.array([s["documents"] for s in self.index["shards"]], np.int64)
+    self.total_tokens = int(self.shard_tokens.sum())
+    self._cache_dir = cache_dir
+    self._offsets: dict[int, np.ndarray] = {}
+    self._records: dict[int, grain.MapDataset] = {}
+
+  @property
+  def num_shards(self) -> int:
+    return len(self.shard_tokens)
+
+  def offsets(self, shard: int) -> np.ndarray:
+    """Start of every document of ``shard`` in the shard's tokens, plus the end: ``(documents + 1,)`` int64."""
+    offsets = self._offsets.get(shard)
+    if offsets is None:
+      lengths = np.load(io.BytesIO(paths.read_bytes(paths.join(self.directory, self.index["shards"][shard]["lengths"]))))
+      if len(lengths) != self.shard_documents[shard] or int(lengths.sum()) != self.shard_tokens[shard]:
+        raise ValueError(f"{self.directory}: shard {shard} lengths do not match {INDEX_FILE}")
+      offsets = self._offsets[shard] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    return offsets
+
+  def records(self, shard: int) -> grain.MapDataset:
+    """A grain MapDataset over the shard's records (bytes)."""
+    dataset = self._records.get(shard)
+    if dataset is None:
+      path = paths.join(self.directory, self.index["shards"][shard]["file"])
+      if not paths.is_local(path):
+        if self._cache_dir is None:
+          self._cache_dir = tempfile.mkdtemp(prefix="nanbeige_prepared_")
+        path = paths.local_copy(path, self._cache_dir)
+      dataset = self._records[shard] = grain.MapDataset.source(grain.sources.ArrayRecordDataSource([os.fspath(path)]))
+    return dataset
+
+  def document(self, shard: int, doc: int) -> np.ndarray:
+    return np.frombuffer(self.records(shard)[doc], RECORD_DTYPE).astype(np.int32)
+
+  def check_tokenizer(self, tokenizer: Any) -> None:
+    found = {"tokenizer": self.index["tokenizer"], "bos_id": self.index["bos_id"], "eos_id": self.index["eos_id"]}
+    expected = {"tokenizer": tokenizer.fingerprint(), "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+    for key, value in expected.items():
+      if found[key] != value:
+        raise ValueError(f"prepared source {self.directory!r} was tokenized with {key}={found[key]!r}, but the "
+                         f"tokenizer has {value!r}: prepare it again with this tokenizer")
+
+
+class _Stream:
+  """Token position -> (shard, document, offset) over a source's epochs of (reshuffled) shards."""
+
+  def __init__(self, source: PreparedSource, seed: int, shuffle: bool):
+    self.source, self.seed, self.shuffle = source, seed, shuffle
+    self._epoch = -1
+    self._order = np.arange(source.num_shards)
+    self._ends = np.cumsum(source.shard_tokens)
+
+  def order(self, epoch: int) -> np.ndarray:
+    if self.shuffle and epoch != self._epoch:
+      rng = np.random.default_rng([_SEED_SALT, self.seed, epoch])
+      self._order = rng.permutation(self.source.num_shards)
+      self._ends = np.cumsum(self.source.shard_tokens[self._order])
+      self._epoch = epoch
+    return self._order
+
+  def pieces(self, start: int, length: int) -> list[tuple[int, int, int, int]]:
+    """``(shard, doc, offset, take)`` pieces covering stream tokens ``[start, start + length)``."""
+    epoch, within = divmod(start, self.source.total_tokens)
+    order = self.order(epoch)
+    slot = int(np.searchsorted(self._ends, within, side="right"))
+    shard = int(order[slot])
+    offsets = self.source.offsets(shard)
+    within -= int(self._ends[slot] - self.source.shard_tokens[shard])
+    doc = int(np.searchsorted(offsets, within, side="right")) - 1
+    offset = within - int(offsets[doc])
+    out = []
+    while length > 0:
+      take = min(int(offsets[doc + 1] - offsets[doc]) - offset, length)
+      out.append((shard, doc, offset, take))
+      length -= take
+      doc, offset = doc + 1, 0
+      if doc == len(offsets) - 1 and length > 0:
+        slot += 1
+        if slot == len(order):
+          epoch, slot = epoch + 1, 0
+          order = self.order(epoch)
+        shard, doc = int(order[slot]), 0
+        offsets = self.source.offsets(shard)
+    return out
+
+
+def rank_within_source(row_sources: np.ndarray, num_sources: int) -> tuple[np.ndarray, np.ndarray]:
+  """For every global row, how many earlier rows of the batch have its source; and rows per source."""
+  counts = np.bincount(row_sources, minlength=num_sources)
+  order = np.argsort(row_sources, kind="stable")
+  group_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  ranks = np.empty(len(row_sources), np.int64)
+  ranks[order] = np.arange(len(row_sources)) - group_start[row_sources[order]]
+  return ranks, counts
+
+
+class PreparedMixtureIterator(ShardedBatchIterator):
+  """Packed, process-sharded global batches from prepared sources under a per-call mixture.
+
+  ``sources``: name -> prepared directory (``<output_dir>/<name>``) or ``PreparedSource``; the tokenizer must be
+  the one the sources were prepared with. ``read_threads``: grain threads reading records (0: this thread).
+  """
+
+  def __init__(self, sources: Mapping[str, str | os.PathLike | PreparedSource], tokenizer: Any, *, batch_size: int,
+               seed: int, process_index: int = 0, process_count: int = 1, split: str = "train",
+               read_threads: int = 8, cache_dir: str | None = None):
+    super().__init__(sources, tokenizer, batch_size=batch_size, seed=seed, process_index=process_index,
+                     process_count=process_count, split=split)
+    if not isinstance(read_threads, int) or read_threads < 0:
+      raise ValueError(f"PreparedMixtureIterator: read_threads must be an int >= 0, got {read_threads!r}")
+    self.read_threads = read_threads
+    self._sources: dict[str, PreparedSource] = {}
+    self._streams: dict[str, _Stream] = {}
+    for index, (name, source) in enumerate(sources.items()):
+      if not isinstance(source, PreparedSource):
+        source = PreparedSource(source, split, cache_dir=cache_dir)
+      if source.split != split:
+        raise ValueError(f"prepared source {name!r} is split {source.split!r}, this iterator reads {split!r}")
+      source.check_tokenizer(tokenizer)
+      self._sources[name] = source
+      shuffle_seed = int(np.random.SeedSequence([_SEED_SALT, self.seed, index]).generate_state(1)[0])
+      self._streams[name] = _Stream(source, shuffle_seed, split == "train")
+    self._positions = {name: 0 for name in self.source_names}
+    self._recent: dict[tuple[int, int, int], np.ndarray] = {}  # records of the last batch (long documents span it)
+
+  # ---- reading -----------------------------------------------------------------------------------------------------
+  def _read(self, keys: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], np.ndarray]:
+    """Records by ``(source index, shard, doc)``, read by grain threads; the previous batch's are reused."""
+    found = {key: self._recent[key] for key in keys if key in self._recent}
+    missing = [key for key in keys if key not in found]
+    names = self.source_names
+
+    def read(key: tuple[int, int, int]) -> np.ndarray:
+      return self._sources[names[key[0]]].document(key[1], key[2])
+    if missing:
+      if self.read_threads == 0 or len(missing) == 1:
+        values = [read(key) for key in missing]
+      else:
+        dataset = grain.MapDataset.source(missing).map(read)
+        values = list(dataset.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads,
+                                                                prefetch_buffer_size=2 * self.read_threads)))
+      found.update(zip(missing, values))
+    self._recent = found
+    return found
+
+  def next_batch(self, weights: Mapping[str, float], seq_len: int) -> dict[str, np.ndarray]:
+    """This process's ``(batch_size, seq_len)`` slice of the next global batch under ``weights``."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
+      raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    seq_len = int(seq_len)
+    probabilities = validate_weights(weights, self.source_names)
+    row_sources = draw_row_sources(probabilities, self.global_batch_size, self.seed, self._batch_counter)
+    ranks, counts = rank_within_source(row_sources, len(self.source_names))
+    first_row = self.process_index * self.batch_size
+    local_sources = row_sources[first_row:first_row + self.batch_size]
+    plans = []
+    for local_row, (source_index, rank) in enumerate(zip(local_sources.tolist(),
+                                                        ranks[first_row:first_row + self.batch_size].tolist())):
+      name = self.source_names[source_index]
+      start = self._positions[name] + rank * seq_len
+      plans.append((local_row, source_index, self._streams[name].pieces(start, seq_len)))
+    keys = list(dict.fromkeys((s, shard, doc) for _, s, pieces in plans for shard, doc, _, _ in pieces))
+    records = self._read(keys)
+    rows = packing.empty_rows(self.batch_size, seq_len, self.tokenizer.pad_id)
+    for local_row, source_index, pieces in plans:
+      filled = 0
+      for segment_id, (shard, doc, offset, take) in enumerate(pieces, start=1):
+        packing.write_piece(rows, local_row, filled, records[(source_index, shard, doc)], offset, take, segment_id)
+        filled += take
+    rows["source_ids"] = np.where(rows["segment_ids"] > 0, local_sources[:, None], -1).astype(np.int32)
+    for index, name in enumerate(self.source_names):
+      self._positions[name] += int(counts[index]) * seq_len
+    self._batch_counter += 1
+    return rows
+
+  # ---- state --------------------------------------------------------------------------------------------------------
+  def get_state(self) -> dict[str, Any]:
+    """JSON-able state; identical on all processes."""
+    return {"format": STATE_FORMAT, "seed": self.seed, "split": self.split, "source_names": list(self.source_names),
+            "tokenizer": self.tokenizer.fingerprint(), "batch_counter": self._batch_counter,
+            "positions": dict(self._positions)}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Restores ``get_state()`` output; the following batches are exactly those after the saved point."""
+    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+      raise ValueError(f"not a PreparedMixtureIterator state (expected format {STATE_FORMAT!r}): "
+                       f"{state.get('format') if isinstance(state, Mapping) else type(state).__name__!r}")
+    expected = {"seed": self.seed, "split": self.split, "source_names": self.source_names,
+                "tokenizer": self.tokenizer.fingerprint()}
+    for key, value in expected.items():
+      if state.get(key) != value:
+        raise ValueError(f"PreparedMixtureIterator state has {key}={state.get(key)!r} but this iterator has {value!r}")
+    positions = state.get("positions")
+    if not isinstance(positions, Mapping) or sorted(positions) != sorted(self.source_names):
+      raise ValueError(f"PreparedMixtureIterator state positions must cover sources {self.source_names}, "
+                       f"got {positions!r}")
+    for name, value in positions.items():
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"PreparedMixtureIterator state position of {name!r} must be an int >= 0, got {value!r}")
+    counter = state.get("batch_counter")
+    if isinstance(counter, bool) or not isinstance(counter, int) or counter < 0:
+      raise ValueError(f"PreparedMixtureIterator state batch_counter must be an int >= 0, got {counter!r}")
+    self._positions = {name: int(positions[name]) for name in self.source_names}
+    self._batch_counter = counter
+
+  # ---- finite evaluation ---------------------------------------------------------------------------------------------
+  def eval_batches(self, name: str, seq_len: int, *, max_batches: int | None = None
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """One deterministic pass over source ``name``'s documents in prepared order, packed with the last row padded;
+    every process yields the same number of batches (missing rows are padding), process ``p`` its contiguous rows
+    (as ``mixture.iter_eval_batches``)."""
+    if name not in self._sources:
+      raise ValueError(f"unknown source {name!r}; known sources: {self.source_names}")
+    source = self._sources[name]
+    documents = [source.document(shard, doc) for shard in range(source.num_shards)
+                 for doc in range(int(source.shard_documents[shard]))]
+    rows = packing.pack_sequences(documents, seq_len, self.tokenizer.pad_id)
+    rows["source_ids"] = np.where(rows["segment_ids"] > 0, self.source_names.index(name), -1).astype(np.int32)
+    global_batch = self.global_batch_size
+    num_batches = -(-len(rows["inputs"]) // global_batch)
+    if max_batches is not None:
+      num_batches = min(num_batches, max_batches)
+    missing_rows = num_batches * global_batch - len(rows["inputs"])
+    if missing_rows > 0:
+      padding = packing.empty_rows(missing_rows, seq_len, self.tokenizer.pad_id)
+      padding["source_ids"] = np.full_like(padding["inputs"], -1)
+      rows = {key: np.concatenate([rows[key], padding[key]]) for key in rows}
+    for batch in range(num_batches):
+      start = batch * global_batch + self.process_index * self.batch_size
+      yield {key: value[start:start + self.batch_size] for key, value in rows.items()}
