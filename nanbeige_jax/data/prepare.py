@@ -175,21 +175,15 @@ def prepare_split(source: DocumentSource, tokenizer: Tokenizer, output_dir: str,
                       f"{source.name}/{split}")
   staging = out if paths.is_local(out) else tempfile.mkdtemp(prefix="nanbeige_prepare_")
   paths.mkdir(staging)
+  if paths.is_local(out):  # partial shards of a killed run
+    for stale in paths.glob(paths.join(out, ".shard-*.tmp")):
+      os.unlink(stale)
   tasks = [(k, [int(i) for i in order[k * documents_per_shard:(k + 1) * documents_per_shard]],
             os.path.join(os.fspath(staging), f".{shard_name(k, num_shards)}.{os.getpid()}.tmp")) for k in todo]
   _WORKER["source"] = source
   try:
     for shard, local_path, lengths in _run_tasks(tasks, tokenizer, num_workers):
-      name = shard_name(shard, num_shards)
-      if paths.is_local(out):
-        os.replace(local_path, os.fspath(paths.join(out, f"{name}.array_record")))
-      else:
-        paths.copy(local_path, paths.join(out, f"{name}.array_record"))
-        os.unlink(local_path)
-      paths.write_bytes(paths.join(out, f"{name}.lengths.npy"), _lengths_bytes(lengths))
-      done[shard] = {"file": f"{name}.array_record", "lengths": f"{name}.lengths.npy",
-                     "documents": int(len(lengths)), "tokens": int(lengths.sum(dtype=np.int64))}
-      paths.write_text(paths.join(out, PROGRESS_DIR, f"shard-{shard:05d}.json"), json.dumps(done[shard]))
+      done[shard] = _publish(out, shard, num_shards, local_path, lengths)
       if bar is not None:
         bar.update(len(lengths))
   finally:
@@ -200,12 +194,59 @@ def prepare_split(source: DocumentSource, tokenizer: Tokenizer, output_dir: str,
       shutil.rmtree(staging, ignore_errors=True)
   if len(done) < num_shards:
     return None
-  shards = [done[k] for k in range(num_shards)]
+  return _write_index(out, plan, tokenizer, source.kind, [done[k] for k in range(num_shards)])
+
+
+def _publish(out: str, shard: int, num_shards: int, local_path: str, lengths: np.ndarray) -> dict[str, Any]:
+  """Moves a finished local shard into ``out`` (file, lengths, then the marker) and returns its index entry."""
+  name = shard_name(shard, num_shards)
+  if paths.is_local(out):
+    os.replace(local_path, os.fspath(paths.join(out, f"{name}.array_record")))
+  else:
+    paths.copy(local_path, paths.join(out, f"{name}.array_record"))
+    os.unlink(local_path)
+  paths.write_bytes(paths.join(out, f"{name}.lengths.npy"), _lengths_bytes(lengths))
+  entry = {"file": f"{name}.array_record", "lengths": f"{name}.lengths.npy", "documents": int(len(lengths)),
+           "tokens": int(lengths.sum(dtype=np.int64))}
+  paths.write_text(paths.join(out, PROGRESS_DIR, f"shard-{shard:05d}.json"), json.dumps(entry))
+  return entry
+
+
+def _write_index(out: str, plan: Mapping[str, Any], tokenizer: Tokenizer, source_kind: str,
+                 shards: list[dict[str, Any]]) -> dict[str, Any]:
   index = {**plan, "tokenizer_source": tokenizer.source, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
-           "vocab_size": tokenizer.vocab_size, "record_dtype": "int32-le", "source_kind": source.kind,
+           "vocab_size": tokenizer.vocab_size, "record_dtype": "int32-le", "source_kind": source_kind,
            "num_tokens": int(sum(s["tokens"] for s in shards)), "shards": shards}
   paths.write_text(paths.join(out, INDEX_FILE), json.dumps(index, indent=1))
   return index
+
+
+def write_prepared(documents: Sequence[Sequence[int]], tokenizer: Tokenizer, output_dir: str, name: str, split: str,
+                   *, documents_per_shard: int) -> dict[str, Any]:
+  """Writes already tokenized documents (ids without bos/eos, in the given order) as a prepared split, in this
+  process (benchmarks, tests, corpora tokenized elsewhere); returns the index."""
+  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
+  out = split_dir(output_dir, name, split)
+  num_shards = -(-len(documents) // documents_per_shard)
+  plan = {"format": INDEX_FORMAT, "source": name, "split": split, "tokenizer": tokenizer.fingerprint(),
+          "documents_per_shard": documents_per_shard, "seed": 0, "num_documents": len(documents),
+          "num_shards": num_shards}
+  staging = os.fspath(paths.mkdir(out)) if paths.is_local(out) else tempfile.mkdtemp(prefix="nanbeige_prepare_")
+  shards = []
+  try:
+    for shard in range(num_shards):
+      local_path = os.path.join(staging, f".{shard_name(shard, num_shards)}.{os.getpid()}.tmp")
+      chunk = documents[shard * documents_per_shard:(shard + 1) * documents_per_shard]
+      lengths = np.array([len(d) + 2 for d in chunk], np.int32)
+      writer = ArrayRecordWriter(local_path, "group_size:1")
+      for ids in chunk:
+        writer.write(packing.document_sequence(ids, tokenizer.bos_id, tokenizer.eos_id).astype(RECORD_DTYPE).tobytes())
+      writer.close()
+      shards.append(_publish(out, shard, num_shards, local_path, lengths))
+  finally:
+    if not paths.is_local(out):
+      shutil.rmtree(staging, ignore_errors=True)
+  return _write_index(out, plan, tokenizer, "tokens", shards)
 
 
 def _check_same_plan(out: str, plan: Mapping[str, Any], tokenizer: Tokenizer, documents_per_shard: int, seed: int,
