@@ -7,7 +7,8 @@ Writes a synthetic prepared corpus once (``--sources`` sources of ``--tokens_per
 document lengths log-normal around ``--mean_doc_tokens``; ``prepare.write_prepared``) under ``--data_dir`` (default:
 a temporary directory), then for each process count ``P`` builds a fresh ``PreparedMixtureIterator`` as process
 ``P - 1`` of ``P`` (the last process: its rows are the farthest into each source's stream) with ``--batch_size``
-rows per process, reads one warm-up batch and times ``--batches`` batches under a uniform mixture. Each simulated
+rows per process, reads one warm-up batch and times ``--batches`` batches under a uniform mixture (the median batch:
+the figure is robust to other load on the machine). Each simulated
 process reads and packs only its own rows, so the per-process time should not depend on ``P``. The shards sit on
 local disk (in the page cache after writing): this measures the reader's CPU cost, not a remote store.
 
@@ -37,7 +38,9 @@ flags.DEFINE_integer("batch_size", 8, "Rows per process per batch.", lower_bound
 flags.DEFINE_integer("seq_len", 4096, "Row length.", lower_bound=2)
 flags.DEFINE_integer("batches", 8, "Timed batches per process count (after one warm-up batch).", lower_bound=1)
 flags.DEFINE_list("process_counts", ["1", "2", "4", "8", "16", "32", "64"], "Simulated process counts.")
-flags.DEFINE_integer("read_threads", 8, "grain read threads per process.", lower_bound=0)
+flags.DEFINE_integer("read_threads", 0, "0: batched ArrayRecord reads; N: a grain MapDataset read by N threads.",
+                     lower_bound=0)
+flags.DEFINE_bool("prefetch", False, "Build the next batch in a background thread (off: time the full cost).")
 flags.DEFINE_string("data_dir", None, "Where to write the synthetic prepared corpus (default: a temporary dir).")
 flags.DEFINE_float("mfu", 0.5, "Assumed MFU of the 3B step on v5p.")
 flags.DEFINE_integer("v5p_batch", 172, "Rows per v5p host per step (the AOT table's v5p-8 batch).", lower_bound=1)
@@ -66,6 +69,7 @@ def _write_corpus(data_dir: str, tokenizer) -> list[str]:
 
 def main(argv):
   del argv
+  import numpy as np
   from nanbeige_jax.data.prepared import PreparedMixtureIterator
   from nanbeige_jax.data.tokenizer import Tokenizer
   from nanbeige_jax.model.config import get_preset
@@ -81,18 +85,22 @@ def main(argv):
         f"(written in {time.perf_counter() - start:.1f}s) at {data_dir}")
   weights = {name: 1.0 for name in names}
   print(f"per process: {FLAGS.batch_size} rows x {FLAGS.seq_len} tokens per batch, {FLAGS.batches} timed batches, "
-        f"read_threads={FLAGS.read_threads}")
+        f"read_threads={FLAGS.read_threads}, prefetch={FLAGS.prefetch}; median time per batch")
   print(f"{'processes':>9} {'ms/batch':>10} {'tokens/s/process':>17} {'vs 1 process':>13}")
   results = {}
   for count in (int(c) for c in FLAGS.process_counts):
     iterator = PreparedMixtureIterator({n: os.path.join(data_dir, n) for n in names}, tokenizer,
                                        batch_size=FLAGS.batch_size, seed=0, process_index=count - 1,
-                                       process_count=count, read_threads=FLAGS.read_threads)
+                                       process_count=count, read_threads=FLAGS.read_threads,
+                                       prefetch=FLAGS.prefetch)
     iterator.next_batch(weights, FLAGS.seq_len)
-    start = time.perf_counter()
+    times = []
     for _ in range(FLAGS.batches):
+      start = time.perf_counter()
       batch = iterator.next_batch(weights, FLAGS.seq_len)
-    elapsed = (time.perf_counter() - start) / FLAGS.batches
+      times.append(time.perf_counter() - start)
+    iterator.close()
+    elapsed = float(np.median(times))
     assert batch["inputs"].shape == (FLAGS.batch_size, FLAGS.seq_len)
     results[count] = FLAGS.batch_size * FLAGS.seq_len / elapsed
     print(f"{count:>9} {elapsed * 1e3:>10.2f} {results[count]:>17,.0f} {results[count] / results[min(results)]:>12.2f}x",

@@ -177,7 +177,8 @@ def test_rows_are_fill_row_over_the_prepared_stream(prepared, tokenizer):
 
 def test_two_processes_together_equal_one(prepared, tokenizer):
   whole = _iterator(prepared, tokenizer, batch_size=6)
-  halves = [_iterator(prepared, tokenizer, batch_size=3, process_index=p, process_count=2) for p in range(2)]
+  halves = [_iterator(prepared, tokenizer, batch_size=3, process_index=p, process_count=2, prefetch=False)
+            for p in range(2)]
   for weights, seq_len in PHASES:
     full = whole.next_batch(weights, seq_len)
     parts = [h.next_batch(weights, seq_len) for h in halves]

@@ -23,6 +23,7 @@ every shard of the stream window all processes are reading, so mount the bucket 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import os
@@ -69,6 +70,7 @@ class PreparedSource:
     self._cache_dir = cache_dir
     self._offsets: dict[int, np.ndarray] = {}
     self._records: dict[int, grain.MapDataset] = {}
+    self._readers: dict[int, Any] = {}
 
   @property
   def num_shards(self) -> int:
@@ -84,20 +86,31 @@ class PreparedSource:
       offsets = self._offsets[shard] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     return offsets
 
-  def records(self, shard: int) -> grain.MapDataset:
-    """A grain MapDataset over the shard's records (bytes)."""
-    dataset = self._records.get(shard)
-    if dataset is None:
+  def data_source(self, shard: int) -> Any:
+    """grain's ``ArrayRecordDataSource`` over the shard's file (copied to ``cache_dir`` first when not local)."""
+    reader = self._readers.get(shard)
+    if reader is None:
       path = paths.join(self.directory, self.index["shards"][shard]["file"])
       if not paths.is_local(path):
         if self._cache_dir is None:
           self._cache_dir = tempfile.mkdtemp(prefix="nanbeige_prepared_")
         path = paths.local_copy(path, self._cache_dir)
-      dataset = self._records[shard] = grain.MapDataset.source(grain.sources.ArrayRecordDataSource([os.fspath(path)]))
+      reader = self._readers[shard] = grain.sources.ArrayRecordDataSource([os.fspath(path)])
+    return reader
+
+  def records(self, shard: int) -> grain.MapDataset:
+    """A grain MapDataset over the shard's records (bytes)."""
+    dataset = self._records.get(shard)
+    if dataset is None:
+      dataset = self._records[shard] = grain.MapDataset.source(self.data_source(shard))
     return dataset
 
   def document(self, shard: int, doc: int) -> np.ndarray:
     return np.frombuffer(self.records(shard)[doc], RECORD_DTYPE).astype(np.int32)
+
+  def documents(self, shard: int, docs: list[int]) -> list[np.ndarray]:
+    """Several documents of one shard in one batched read (ArrayRecord reads them in parallel)."""
+    return [np.frombuffer(r, RECORD_DTYPE).astype(np.int32) for r in self.data_source(shard).__getitems__(docs)]
 
   def check_tokenizer(self, tokenizer: Any) -> None:
     found = {"tokenizer": self.index["tokenizer"], "bos_id": self.index["bos_id"], "eos_id": self.index["eos_id"]}
@@ -165,17 +178,22 @@ class PreparedMixtureIterator(ShardedBatchIterator):
   """Packed, process-sharded global batches from prepared sources under a per-call mixture.
 
   ``sources``: name -> prepared directory (``<output_dir>/<name>``) or ``PreparedSource``; the tokenizer must be
-  the one the sources were prepared with. ``read_threads``: grain threads reading records (0: this thread).
+  the one the sources were prepared with. ``read_threads``: 0 reads each shard's records of a batch in one
+  batched ArrayRecord read (fastest on local disk); N > 0 reads them through a grain MapDataset with N threads
+  (for high-latency mounts). ``prefetch``: build the next batch in a background thread (see ``next_batch``).
   """
 
   def __init__(self, sources: Mapping[str, str | os.PathLike | PreparedSource], tokenizer: Any, *, batch_size: int,
                seed: int, process_index: int = 0, process_count: int = 1, split: str = "train",
-               read_threads: int = 8, cache_dir: str | None = None):
+               read_threads: int = 0, prefetch: bool = True, cache_dir: str | None = None):
     super().__init__(sources, tokenizer, batch_size=batch_size, seed=seed, process_index=process_index,
                      process_count=process_count, split=split)
     if not isinstance(read_threads, int) or read_threads < 0:
       raise ValueError(f"PreparedMixtureIterator: read_threads must be an int >= 0, got {read_threads!r}")
     self.read_threads = read_threads
+    self.prefetch = bool(prefetch)
+    self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+    self._pending: tuple[tuple, concurrent.futures.Future] | None = None
     self._sources: dict[str, PreparedSource] = {}
     self._streams: dict[str, _Stream] = {}
     for index, (name, source) in enumerate(sources.items()):
@@ -192,31 +210,32 @@ class PreparedMixtureIterator(ShardedBatchIterator):
 
   # ---- reading -----------------------------------------------------------------------------------------------------
   def _read(self, keys: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], np.ndarray]:
-    """Records by ``(source index, shard, doc)``, read by grain threads; the previous batch's are reused."""
+    """Records by ``(source index, shard, doc)``; the previous batch's are reused (a long document spans batches).
+    ``read_threads == 0``: one batched read per shard; else a grain MapDataset over the keys read by threads."""
     found = {key: self._recent[key] for key in keys if key in self._recent}
     missing = [key for key in keys if key not in found]
     names = self.source_names
-
-    def read(key: tuple[int, int, int]) -> np.ndarray:
-      return self._sources[names[key[0]]].document(key[1], key[2])
-    if missing:
-      if self.read_threads == 0 or len(missing) == 1:
-        values = [read(key) for key in missing]
-      else:
-        dataset = grain.MapDataset.source(missing).map(read)
-        values = list(dataset.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads,
-                                                                prefetch_buffer_size=2 * self.read_threads)))
+    if missing and self.read_threads == 0:
+      by_shard: dict[tuple[int, int], list[int]] = {}
+      for source_index, shard, doc in missing:
+        by_shard.setdefault((source_index, shard), []).append(doc)
+      for (source_index, shard), docs in by_shard.items():
+        values = self._sources[names[source_index]].documents(shard, docs)
+        found.update(((source_index, shard, doc), value) for doc, value in zip(docs, values))
+    elif missing:
+      def read(key: tuple[int, int, int]) -> np.ndarray:
+        return self._sources[names[key[0]]].document(key[1], key[2])
+      dataset = grain.MapDataset.source(missing).map(read)
+      values = list(dataset.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads,
+                                                              prefetch_buffer_size=2 * self.read_threads)))
       found.update(zip(missing, values))
     self._recent = found
     return found
 
-  def next_batch(self, weights: Mapping[str, float], seq_len: int) -> dict[str, np.ndarray]:
-    """This process's ``(batch_size, seq_len)`` slice of the next global batch under ``weights``."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
-      raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
-    seq_len = int(seq_len)
-    probabilities = validate_weights(weights, self.source_names)
-    row_sources = draw_row_sources(probabilities, self.global_batch_size, self.seed, self._batch_counter)
+  def _build(self, probabilities: np.ndarray, seq_len: int, counter: int, positions: dict[str, int]
+             ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """This process's rows of global batch ``counter`` from stream ``positions``, and the positions after it."""
+    row_sources = draw_row_sources(probabilities, self.global_batch_size, self.seed, counter)
     ranks, counts = rank_within_source(row_sources, len(self.source_names))
     first_row = self.process_index * self.batch_size
     local_sources = row_sources[first_row:first_row + self.batch_size]
@@ -224,7 +243,7 @@ class PreparedMixtureIterator(ShardedBatchIterator):
     for local_row, (source_index, rank) in enumerate(zip(local_sources.tolist(),
                                                         ranks[first_row:first_row + self.batch_size].tolist())):
       name = self.source_names[source_index]
-      start = self._positions[name] + rank * seq_len
+      start = positions[name] + rank * seq_len
       plans.append((local_row, source_index, self._streams[name].pieces(start, seq_len)))
     keys = list(dict.fromkeys((s, shard, doc) for _, s, pieces in plans for shard, doc, _, _ in pieces))
     records = self._read(keys)
@@ -235,10 +254,50 @@ class PreparedMixtureIterator(ShardedBatchIterator):
         packing.write_piece(rows, local_row, filled, records[(source_index, shard, doc)], offset, take, segment_id)
         filled += take
     rows["source_ids"] = np.where(rows["segment_ids"] > 0, local_sources[:, None], -1).astype(np.int32)
-    for index, name in enumerate(self.source_names):
-      self._positions[name] += int(counts[index]) * seq_len
+    after = {name: positions[name] + int(counts[i]) * seq_len for i, name in enumerate(self.source_names)}
+    return rows, after
+
+  def _take_pending(self, key: tuple) -> Any:
+    """Waits for the batch built ahead (only one build runs at a time); its result if it was built for ``key``."""
+    if self._pending is None:
+      return None
+    pending_key, future = self._pending
+    self._pending = None
+    try:
+      result = future.result()
+    except Exception:  # pylint: disable=broad-except
+      return None  # rebuilt in the foreground, where the error (if real) is raised
+    return result if pending_key == key else None
+
+  def next_batch(self, weights: Mapping[str, float], seq_len: int) -> dict[str, np.ndarray]:
+    """This process's ``(batch_size, seq_len)`` slice of the next global batch under ``weights``.
+
+    With ``prefetch``, the following batch under the same weights and seq_len is built in a background thread
+    while the caller trains on this one (used only if the next call asks for exactly that batch)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
+      raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    seq_len = int(seq_len)
+    probabilities = validate_weights(weights, self.source_names)
+    key = (probabilities.tobytes(), seq_len, self._batch_counter, tuple(self._positions.items()))
+    result = self._take_pending(key)
+    if result is None:
+      result = self._build(probabilities, seq_len, self._batch_counter, dict(self._positions))
+    rows, self._positions = result
     self._batch_counter += 1
+    if self.prefetch:
+      if self._executor is None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepared_prefetch")
+      next_key = (key[0], seq_len, self._batch_counter, tuple(self._positions.items()))
+      self._pending = (next_key, self._executor.submit(self._build, probabilities, seq_len, self._batch_counter,
+                                                       dict(self._positions)))
     return rows
+
+  def close(self) -> None:
+    """Stops the prefetch thread (the iterator stays usable)."""
+    self._take_pending(())
+    if self._executor is not None:
+      self._executor.shutdown(wait=True)
+      self._executor = None
 
   # ---- state --------------------------------------------------------------------------------------------------------
   def get_state(self) -> dict[str, Any]:
@@ -268,6 +327,7 @@ class PreparedMixtureIterator(ShardedBatchIterator):
     if isinstance(counter, bool) or not isinstance(counter, int) or counter < 0:
       raise ValueError(f"PreparedMixtureIterator state batch_counter must be an int >= 0, got {counter!r}")
     self._positions = {name: int(positions[name]) for name in self.source_names}
+    self._take_pending(())  # a batch built ahead from the old state is dropped
     self._batch_counter = counter
 
   # ---- finite evaluation ---------------------------------------------------------------------------------------------
