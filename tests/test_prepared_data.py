@@ -238,12 +238,16 @@ def test_prepare_and_read_on_the_memory_scheme(corpus, tokenizer, prepared, tmp_
                            tokenizer_path=f"{raw}/tok.model", output_dir=out, documents_per_shard=4, num_workers=0)
   P.prepare(config, progress=False)
   assert paths.exists(f"{out}/alpha/train/index.json") and not os.path.exists("memory:")
-  remote = PreparedMixtureIterator({n: f"{out}/{n}" for n in SIZES}, tokenizer, batch_size=6, seed=5,
-                                   cache_dir=str(tmp_path / "cache"))
+  remote_sources = {n: PreparedSource(f"{out}/{n}", cache_dir=str(tmp_path / "cache"), max_open_shards=2)
+                    for n in SIZES}
+  remote = PreparedMixtureIterator(remote_sources, tokenizer, batch_size=6, seed=5)
   local = _iterator(prepared, tokenizer)
-  for weights, seq_len in PHASES:
+  for weights, seq_len in PHASES * 3:
     _assert_same(remote.next_batch(weights, seq_len), local.next_batch(weights, seq_len))
-  assert os.listdir(tmp_path / "cache")
+  remote.close()
+  for name in SIZES:  # more shards were read than stay open
+    assert remote.get_state()["positions"][name] > 3 * remote_sources[name].shard_tokens.max()
+  assert 0 < len(os.listdir(tmp_path / "cache")) <= 4  # at most 2 shard copies per source are kept
 
 
 # ---- benchmark ------------------------------------------------------------------------------------------------------

@@ -13,9 +13,12 @@ order for ``split="eval"``), each shard's documents in their prepared (already s
 Per process: the source of every global row comes from ``draw_row_sources`` (as in ``MixtureIterator``); the start
 of a row is its source's position plus ``seq_len`` times the number of earlier rows of the batch drawn from the same
 source (a vectorised count over the draw: a few integer ops per global row). Only this process's rows are located,
-read and packed, so its reading and packing work does not depend on the number of processes. Records are read with
-grain (a ``MapDataset`` over each shard's ``ArrayRecordDataSource``, fetched by ``read_threads`` threads); a
-shard's document lengths are loaded once, when a row first touches it.
+read and packed, so its reading and packing work does not depend on the number of processes. Records come from
+grain's ``ArrayRecordDataSource`` of each shard: one batched read per shard and batch (ArrayRecord parallelises it),
+or with ``read_threads > 0`` a grain ``MapDataset`` over the batch's records read by that many threads; with
+``prefetch`` the next batch is built in a background thread while the caller trains on this one. A shard's
+document lengths are loaded when a row first touches it; the ``max_open_shards`` most recently used shards per
+source stay open (lengths and reader), so memory and file handles stay bounded over a 23T-token run.
 
 ArrayRecord reads local files (or a FUSE mount such as gcsfuse, which keeps reads per record). A shard on another
 scheme (``gs://``, ``memory://``) is copied whole to ``cache_dir`` when first touched: each process then downloads
@@ -28,6 +31,7 @@ import io
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -46,7 +50,8 @@ class PreparedSource:
   """One prepared split of one source: ``directory`` is ``<output_dir>/<source>`` (then ``split`` picks the
   subdirectory) or the split directory itself (the one holding ``index.json``)."""
 
-  def __init__(self, directory: str | os.PathLike, split: str = "train", *, cache_dir: str | None = None):
+  def __init__(self, directory: str | os.PathLike, split: str = "train", *, cache_dir: str | None = None,
+               max_open_shards: int = 32):
     directory = os.fspath(directory)
     if not paths.exists(paths.join(directory, INDEX_FILE)) and paths.exists(paths.join(directory, split, INDEX_FILE)):
       directory = paths.join(directory, split)
@@ -68,9 +73,10 @@ class PreparedSource:
     self.shard_documents = np.array([s["documents"] for s in self.index["shards"]], np.int64)
     self.total_tokens = int(self.shard_tokens.sum())
     self._cache_dir = cache_dir
-    self._offsets: dict[int, np.ndarray] = {}
-    self._records: dict[int, grain.MapDataset] = {}
-    self._readers: dict[int, Any] = {}
+    self.max_open_shards = max_open_shards
+    self._offsets: OrderedDict[int, np.ndarray] = OrderedDict()
+    self._records: OrderedDict[int, grain.MapDataset] = OrderedDict()
+    self._readers: OrderedDict[int, Any] = OrderedDict()
 
   @property
   def num_shards(self) -> int:
@@ -78,31 +84,40 @@ class PreparedSource:
 
   def offsets(self, shard: int) -> np.ndarray:
     """Start of every document of ``shard`` in the shard's tokens, plus the end: ``(documents + 1,)`` int64."""
-    offsets = self._offsets.get(shard)
+    offsets = _lru_get(self._offsets, shard)
     if offsets is None:
       lengths = np.load(io.BytesIO(paths.read_bytes(paths.join(self.directory, self.index["shards"][shard]["lengths"]))))
       if len(lengths) != self.shard_documents[shard] or int(lengths.sum()) != self.shard_tokens[shard]:
         raise ValueError(f"{self.directory}: shard {shard} lengths do not match {INDEX_FILE}")
-      offsets = self._offsets[shard] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+      offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+      _lru_put(self._offsets, shard, offsets, self.max_open_shards)
     return offsets
 
   def data_source(self, shard: int) -> Any:
-    """grain's ``ArrayRecordDataSource`` over the shard's file (copied to ``cache_dir`` first when not local)."""
-    reader = self._readers.get(shard)
+    """grain's ``ArrayRecordDataSource`` over the shard's file (copied to ``cache_dir`` first when not local; the
+    copy is deleted when the shard leaves the open set)."""
+    reader = _lru_get(self._readers, shard)
     if reader is None:
       path = paths.join(self.directory, self.index["shards"][shard]["file"])
+      cached = None
       if not paths.is_local(path):
         if self._cache_dir is None:
           self._cache_dir = tempfile.mkdtemp(prefix="nanbeige_prepared_")
-        path = paths.local_copy(path, self._cache_dir)
-      reader = self._readers[shard] = grain.sources.ArrayRecordDataSource([os.fspath(path)])
-    return reader
+        path = cached = paths.local_copy(path, self._cache_dir)
+      reader = grain.sources.ArrayRecordDataSource([os.fspath(path)])
+      for _, (_, evicted_copy) in _lru_put(self._readers, shard, (reader, cached), self.max_open_shards):
+        if evicted_copy is not None and os.path.exists(evicted_copy):
+          os.unlink(evicted_copy)  # a copy of a remote shard: fetched again if ever needed
+      self._records.pop(shard, None)
+      return reader
+    return reader[0]
 
   def records(self, shard: int) -> grain.MapDataset:
     """A grain MapDataset over the shard's records (bytes)."""
-    dataset = self._records.get(shard)
+    dataset = _lru_get(self._records, shard)
     if dataset is None:
-      dataset = self._records[shard] = grain.MapDataset.source(self.data_source(shard))
+      dataset = grain.MapDataset.source(self.data_source(shard))
+      _lru_put(self._records, shard, dataset, self.max_open_shards)
     return dataset
 
   def document(self, shard: int, doc: int) -> np.ndarray:
@@ -119,6 +134,22 @@ class PreparedSource:
       if found[key] != value:
         raise ValueError(f"prepared source {self.directory!r} was tokenized with {key}={found[key]!r}, but the "
                          f"tokenizer has {value!r}: prepare it again with this tokenizer")
+
+
+def _lru_get(cache: OrderedDict, key: int) -> Any:
+  value = cache.get(key)
+  if value is not None:
+    cache.move_to_end(key)
+  return value
+
+
+def _lru_put(cache: OrderedDict, key: int, value: Any, capacity: int) -> list[tuple[int, Any]]:
+  """Inserts and returns the evicted (least recently used) items."""
+  cache[key] = value
+  evicted = []
+  while len(cache) > max(capacity, 1):
+    evicted.append(cache.popitem(last=False))
+  return evicted
 
 
 class _Stream:
