@@ -242,7 +242,7 @@ def test_prepare_and_read_on_the_memory_scheme(corpus, tokenizer, prepared, tmp_
                     for n in SIZES}
   remote = PreparedMixtureIterator(remote_sources, tokenizer, batch_size=6, seed=5)
   local = _iterator(prepared, tokenizer)
-  for weights, seq_len in PHASES * 3:
+  for weights, seq_len in PHASES * 8:
     _assert_same(remote.next_batch(weights, seq_len), local.next_batch(weights, seq_len))
   remote.close()
   for name in SIZES:  # more shards were read than stay open
