@@ -258,7 +258,7 @@ def test_benchmark_prints_flat_per_process_figures():
                            "--batches=2", "--process_counts=1,4,16", "--sources=2"],
                           env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
-  rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)x$", result.stdout, re.MULTILINE)
+  rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)x\s+([\d.]+)$", result.stdout, re.MULTILINE)
   assert [int(r[0]) for r in rows] == [1, 4, 16]
   assert all(float(r[1]) > 0 and int(r[2].replace(",", "")) > 0 for r in rows)
   consumption = re.search(r"a host \(4 chips, 172 x 256 tokens per step, [\d.]+ s/step\) ([\d,]+) tokens/s", result.stdout)

@@ -74,6 +74,7 @@ class PreparedSource:
     self.total_tokens = int(self.shard_tokens.sum())
     self._cache_dir = cache_dir
     self.max_open_shards = max_open_shards
+    self.shards_opened = 0  # readers created so far (shards entering the open set)
     self._offsets: OrderedDict[int, np.ndarray] = OrderedDict()
     self._records: OrderedDict[int, grain.MapDataset] = OrderedDict()
     self._readers: OrderedDict[int, Any] = OrderedDict()
@@ -105,6 +106,7 @@ class PreparedSource:
           self._cache_dir = tempfile.mkdtemp(prefix="nanbeige_prepared_")
         path = cached = paths.local_copy(path, self._cache_dir)
       reader = grain.sources.ArrayRecordDataSource([os.fspath(path)])
+      self.shards_opened += 1
       for _, (_, evicted_copy) in _lru_put(self._readers, shard, (reader, cached), self.max_open_shards):
         if evicted_copy is not None and os.path.exists(evicted_copy):
           os.unlink(evicted_copy)  # a copy of a remote shard: fetched again if ever needed
@@ -124,8 +126,10 @@ class PreparedSource:
     return np.frombuffer(self.records(shard)[doc], RECORD_DTYPE).astype(np.int32)
 
   def documents(self, shard: int, docs: list[int]) -> list[np.ndarray]:
-    """Several documents of one shard in one batched read (ArrayRecord reads them in parallel)."""
-    return [np.frombuffer(r, RECORD_DTYPE).astype(np.int32) for r in self.data_source(shard).__getitems__(docs)]
+    """Several documents of one shard, read in this thread (ArrayRecord's batched ``__getitems__`` starts a thread
+    pool per call: measured slower for the few records a batch needs per shard)."""
+    reader = self.data_source(shard)
+    return [np.frombuffer(reader[doc], RECORD_DTYPE).astype(np.int32) for doc in docs]
 
   def check_tokenizer(self, tokenizer: Any) -> None:
     found = {"tokenizer": self.index["tokenizer"], "bos_id": self.index["bos_id"], "eos_id": self.index["eos_id"]}
