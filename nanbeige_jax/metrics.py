@@ -1,4 +1,5 @@
-"""Run metrics: JSONL + TensorBoard writers (local or any path-layer scheme), a progress bar with ETA, throughput and MFU.
+"""Run metrics: JSONL + TensorBoard writers (local or any path-layer scheme), a progress bar with ETA, throughput and
+MFU.
 
 MFU follows the MaxText definition: model FLOPs per token (6N over matmul parameters plus causal attention counted
 half, ``ModelConfig.flops_per_token``) times tokens/s, over the devices' peak FLOP/s.

@@ -59,9 +59,9 @@ def as_path(path: PathLike) -> epath.Path:
   try:
     return epath.Path(os.fspath(path))
   except KeyError:
-    raise ValueError(f"path {os.fspath(path)!r}: unknown scheme {scheme(path)!r}:// (known: "
-                     f"{sorted(p[:-3] for p in epath.register._URI_PREFIXES_TO_CLS)}); "  # pylint: disable=protected-access
-                     "register an fsspec protocol with nanbeige_jax.paths.register_fsspec_scheme") from None
+    known = sorted(p[:-3] for p in epath.register._URI_PREFIXES_TO_CLS)  # pylint: disable=protected-access
+    raise ValueError(f"path {os.fspath(path)!r}: unknown scheme {scheme(path)!r}:// (known: {known}); register an "
+                     "fsspec protocol with nanbeige_jax.paths.register_fsspec_scheme") from None
 
 
 def join(path: PathLike, *parts: str) -> str:
@@ -77,7 +77,7 @@ def orbax_directory(path: PathLike) -> epath.Path:
   return as_path(path)
 
 
-# ---- queries ---------------------------------------------------------------------------------------------------------
+# ---- queries --------------------------------------------------------------------------------------------------------
 def exists(path: PathLike) -> bool:
   return as_path(path).exists()
 
@@ -120,7 +120,7 @@ def size(path: PathLike) -> int:
   return int(as_path(path).stat().length)
 
 
-# ---- directories and files ---------------------------------------------------------------------------------------------
+# ---- directories and files ------------------------------------------------------------------------------------------
 def mkdir(path: PathLike) -> epath.Path:
   """Creates ``path`` and its parents (no-op when it exists; object stores have no directories to create)."""
   p = as_path(path)
@@ -230,7 +230,7 @@ def local_copy(path: PathLike, cache_dir: PathLike) -> str:
   return target
 
 
-# ---- extra fsspec schemes --------------------------------------------------------------------------------------------
+# ---- extra fsspec schemes -------------------------------------------------------------------------------------------
 class _SchemeBackend(epath_backend._FileSystemSpecBackend):  # pylint: disable=protected-access
   """epath's fsspec backend bound to one protocol."""
 

@@ -58,7 +58,7 @@ def memory_root(request):
   paths.rmtree(root)
 
 
-# ---- the layer itself -------------------------------------------------------------------------------------------------
+# ---- the layer itself -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scheme", ["local", "memory", "gs"])
 def test_read_write_append_glob(scheme, tmp_path, memory_root, request):
   root = {"local": str(tmp_path / "root"), "memory": memory_root}.get(scheme)
@@ -107,7 +107,8 @@ def test_gs_directory_reaches_orbax_unchanged(fake_gcs, tmp_path, monkeypatch):
   # bucket has a flat one. Reaching this question at all shows orbax took the directory as a gs:// bucket.
   monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
   # What checkpoint.py did: pathlib turns the URI into a local folder named 'gs:'.
-  assert str(pathlib.Path("gs://bucket/run/checkpoints").expanduser().absolute()) == str(tmp_path / "gs:/bucket/run/checkpoints")
+  old = pathlib.Path("gs://bucket/run/checkpoints").expanduser().absolute()
+  assert str(old) == str(tmp_path / "gs:" / "bucket" / "run" / "checkpoints")
   directory = paths.orbax_directory("gs://bucket/run/checkpoints")
   assert os.fspath(directory) == "gs://bucket/run/checkpoints"
   assert os.fspath(paths.orbax_directory("rel/ckpt")) == str(tmp_path / "rel" / "ckpt")
@@ -121,7 +122,7 @@ def test_gs_directory_reaches_orbax_unchanged(fake_gcs, tmp_path, monkeypatch):
   assert restored.restore(3, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] == {"step": 3}
 
 
-# ---- writers and readers on non-local schemes -------------------------------------------------------------------------
+# ---- writers and readers on non-local schemes -----------------------------------------------------------------------
 @pytest.mark.parametrize("scheme", ["memory", "gs"])
 def test_metrics_writer_stages_and_syncs(scheme, memory_root, request):
   from nanbeige_jax.metrics import MetricsWriter, read_metrics

@@ -261,6 +261,7 @@ def test_benchmark_prints_flat_per_process_figures():
   rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)x\s+([\d.]+)$", result.stdout, re.MULTILINE)
   assert [int(r[0]) for r in rows] == [1, 4, 16]
   assert all(float(r[1]) > 0 and int(r[2].replace(",", "")) > 0 for r in rows)
-  consumption = re.search(r"a host \(4 chips, 172 x 256 tokens per step, [\d.]+ s/step\) ([\d,]+) tokens/s", result.stdout)
+  consumption = re.search(r"a host \(4 chips, 172 x 256 tokens per step, [\d.]+ s/step\) ([\d,]+) tokens/s",
+                          result.stdout)
   ratio = re.search(r"reader / host consumption: ([\d.]+)x", result.stdout)
   assert consumption and ratio and float(ratio.group(1)) > 0

@@ -107,7 +107,7 @@ def document_order(source: DocumentSource, split: str, seed: int) -> np.ndarray:
   return indices[np.random.default_rng([_ORDER_SALT, seed]).permutation(len(indices))]
 
 
-# ---- workers ---------------------------------------------------------------------------------------------------------
+# ---- workers --------------------------------------------------------------------------------------------------------
 _WORKER: dict[str, Any] = {}  # set before the pool forks: the source and the tokenizer (each worker reuses them)
 
 
@@ -135,7 +135,7 @@ def _init_worker(model_proto: bytes) -> None:
   _WORKER["tokenizer"] = Tokenizer.from_serialized(model_proto)
 
 
-# ---- one source split -------------------------------------------------------------------------------------------------
+# ---- one source split -----------------------------------------------------------------------------------------------
 def _lengths_bytes(lengths: np.ndarray) -> bytes:
   buffer = io.BytesIO()
   np.save(buffer, lengths.astype(np.int32), allow_pickle=False)

@@ -87,7 +87,8 @@ class PreparedSource:
     """Start of every document of ``shard`` in the shard's tokens, plus the end: ``(documents + 1,)`` int64."""
     offsets = _lru_get(self._offsets, shard)
     if offsets is None:
-      lengths = np.load(io.BytesIO(paths.read_bytes(paths.join(self.directory, self.index["shards"][shard]["lengths"]))))
+      lengths_path = paths.join(self.directory, self.index["shards"][shard]["lengths"])
+      lengths = np.load(io.BytesIO(paths.read_bytes(lengths_path)))
       if len(lengths) != self.shard_documents[shard] or int(lengths.sum()) != self.shard_tokens[shard]:
         raise ValueError(f"{self.directory}: shard {shard} lengths do not match {INDEX_FILE}")
       offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
