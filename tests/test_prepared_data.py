@@ -125,6 +125,26 @@ def test_prepare_rerun_is_a_noop_and_a_different_plan_is_refused(prepared, corpu
     P.prepare(config, progress=False)
 
 
+def test_prepare_array_record_source_with_spawned_workers(corpus, tokenizer, tmp_path):
+  """ArrayRecord readers do not survive a fork: such sources go to spawned workers (a fork would crash them)."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  texts = [f"record {i}: " + " ".join(WORDS[(i + j) % len(WORDS)] for j in range(3 + i % 5)) for i in range(30)]
+  for part in range(2):
+    writer = ArrayRecordWriter(str(tmp_path / f"r-{part}.array_record"), "group_size:1")
+    for text in texts[part::2]:
+      writer.write(text.encode())
+    writer.close()
+  out = str(tmp_path / "out")
+  result = _launch(f"--source=rec=array_record:{tmp_path}/r-*.array_record", f"--tokenizer={corpus}/tok.model",
+                   f"--output_dir={out}", "--documents_per_shard=4", "--num_workers=2", "--noprogress")
+  assert result.returncode == 0, result.stderr
+  raw = S.ArrayRecordSource("rec", f"{tmp_path}/r-*.array_record")
+  for split in ("train", "eval"):
+    got = _all_documents(PreparedSource(os.path.join(out, "rec"), split))
+    expected = [tokenizer.encode(raw.document(int(i))) for i in P.document_order(raw, split, seed=0)]
+    assert [d[1:-1].tolist() for d in got] == expected
+
+
 def test_prepare_config_errors_name_the_field():
   with pytest.raises(ValueError, match=r"PrepareConfig.sources"):
     P.PrepareConfig(tokenizer_path="t", output_dir="o")

@@ -18,6 +18,7 @@ tokenizer fingerprint, source name and split) is written when every shard has it
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import json
@@ -108,7 +109,7 @@ def document_order(source: DocumentSource, split: str, seed: int) -> np.ndarray:
 
 
 # ---- workers --------------------------------------------------------------------------------------------------------
-_WORKER: dict[str, Any] = {}  # set before the pool forks: the source and the tokenizer (each worker reuses them)
+_WORKER: dict[str, Any] = {}  # each worker's source and tokenizer (inherited through fork, or sent to spawned ones)
 
 
 def _tokenize_shard(task: tuple[int, list[int], str]) -> tuple[int, str, np.ndarray]:
@@ -131,8 +132,10 @@ def _tokenize_shard(task: tuple[int, list[int], str]) -> tuple[int, str, np.ndar
   return shard, local_path, lengths
 
 
-def _init_worker(model_proto: bytes) -> None:
+def _init_worker(model_proto: bytes, source: DocumentSource | None = None) -> None:
   _WORKER["tokenizer"] = Tokenizer.from_serialized(model_proto)
+  if source is not None:
+    _WORKER["source"] = source
 
 
 # ---- one source split -----------------------------------------------------------------------------------------------
@@ -182,7 +185,7 @@ def prepare_split(source: DocumentSource, tokenizer: Tokenizer, output_dir: str,
             os.path.join(os.fspath(staging), f".{shard_name(k, num_shards)}.{os.getpid()}.tmp")) for k in todo]
   _WORKER["source"] = source
   try:
-    for shard, local_path, lengths in _run_tasks(tasks, tokenizer, num_workers):
+    for shard, local_path, lengths in _run_tasks(tasks, source, tokenizer, num_workers):
       done[shard] = _publish(out, shard, num_shards, local_path, lengths)
       if bar is not None:
         bar.update(len(lengths))
@@ -261,19 +264,36 @@ def _check_same_plan(out: str, plan: Mapping[str, Any], tokenizer: Tokenizer, do
                        f"output_dir or delete it")
 
 
-def _run_tasks(tasks: Sequence[tuple[int, list[int], str]], tokenizer: Tokenizer, num_workers: int):
-  """Yields finished shards (in completion order) from a fork pool of ``num_workers`` (0: this process)."""
+def _run_tasks(tasks: Sequence[tuple[int, list[int], str]], source: DocumentSource, tokenizer: Tokenizer,
+               num_workers: int):
+  """Yields finished shards (in completion order) from ``num_workers`` processes (0: this process).
+
+  Workers are forked (they share the source's loaded documents) unless the source holds native readers that do
+  not survive a fork (``DocumentSource.fork_safe``: ArrayRecord, TFDS): then they are spawned and get the source
+  pickled, without its readers. A worker that dies fails the run (``BrokenProcessPool``) instead of hanging it.
+  """
   if not tasks:
     return
+  proto = tokenizer.serialized_model_proto()
   if num_workers == 0:
-    _init_worker(tokenizer.serialized_model_proto())
+    _init_worker(proto)
     for task in tasks:
       yield _tokenize_shard(task)
     return
-  context = multiprocessing.get_context("fork")
-  with context.Pool(min(num_workers, len(tasks)), initializer=_init_worker,
-                    initargs=(tokenizer.serialized_model_proto(),)) as pool:
-    yield from pool.imap_unordered(_tokenize_shard, tasks)
+  if source.fork_safe:
+    context, initargs = multiprocessing.get_context("fork"), (proto,)
+  else:
+    source.close_readers()
+    context, initargs = multiprocessing.get_context("spawn"), (proto, source)
+  with concurrent.futures.ProcessPoolExecutor(min(num_workers, len(tasks)), mp_context=context,
+                                              initializer=_init_worker, initargs=initargs) as pool:
+    futures = [pool.submit(_tokenize_shard, task) for task in tasks]
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        yield future.result()
+    finally:
+      for future in futures:
+        future.cancel()
 
 
 def _progress_bar(enabled: bool, total: int, initial: int, name: str) -> Any:

@@ -73,6 +73,7 @@ class DocumentSource:
   ``document``; splits, validation and grain pipelines are shared."""
 
   kind = "abstract"
+  fork_safe = True  # False: holds native readers a forked process must not inherit (see close_readers)
 
   def __init__(self, name: str, *, eval_fraction: float = DEFAULT_EVAL_FRACTION, split_salt: int = 0):
     if not name:
@@ -99,6 +100,11 @@ class DocumentSource:
 
   def describe(self) -> str:
     return f"{self.kind} source {self.name!r}"
+
+  def close_readers(self) -> None:
+    """Drops open native readers (reopened lazily on the next access), e.g. before pickling the source for a
+    worker process. Loaded documents are kept."""
+    self.__dict__.pop("_reader", None)
 
   def validate(self) -> None:
     """Loads the source; raises ValueError when it has no documents."""
@@ -290,6 +296,7 @@ class ArrayRecordSource(DocumentSource):
   ``text_field`` holds the document (``"json"``). Random access through grain's ArrayRecordDataSource (lazy)."""
 
   kind = "array_record"
+  fork_safe = False
   RECORD_FORMATS = ("text", "json")
 
   def __init__(self, name: str, paths: str | os.PathLike | Sequence[str | os.PathLike], *,
@@ -335,6 +342,7 @@ class TfdsSource(DocumentSource):
   """
 
   kind = "tfds"
+  fork_safe = False
 
   def __init__(self, name: str, dataset: str, *, data_dir: str | os.PathLike | None = None, tfds_split: str = "train",
                text_field: str = "text", **kwargs: Any):
