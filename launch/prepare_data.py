@@ -60,7 +60,11 @@ def main(argv):
     config = build(PrepareConfig)
   except ConfigError as err:
     raise app.UsageError(str(err)) from None
-  results = prepare(config, max_shards=FLAGS.max_shards, progress=FLAGS.progress)
+  try:
+    results = prepare(config, max_shards=FLAGS.max_shards, progress=FLAGS.progress)
+  except ValueError as err:  # bad input (missing files, a different plan in output_dir, ...): one line, no traceback
+    print(f"prepare_data: {err}", file=sys.stderr)
+    sys.exit(1)
   unfinished = sorted(k for k, v in results.items() if v is None)
   if unfinished:
     print(f"stopped after --max_shards={FLAGS.max_shards}; unfinished: {', '.join(unfinished)} (run again to continue)")

@@ -154,6 +154,9 @@ def test_prepare_config_errors_name_the_field():
     P.PrepareConfig(sources={"a": {"kind": "jsonl"}}, tokenizer_path="t", output_dir="o", splits=("test",))
   result = _launch("--source=broken", "--tokenizer=t", "--output_dir=o")
   assert result.returncode != 0 and "NAME=KIND:PATHS" in result.stderr
+  result = _launch("--source=a=jsonl:missing-*.jsonl", "--tokenizer=missing.model", "--output_dir=o")
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert "prepare_data: tokenizer model 'missing.model' does not exist" in result.stderr
 
 
 # ---- the iterator -------------------------------------------------------------------------------------------------
