@@ -184,3 +184,15 @@ def test_data_files_on_memory(memory_root, tmp_path):
   assert [parquet.document(i) for i in range(2)] == ["p0", "p1"]
   with pytest.raises(ValueError, match="no file matches"):
     S.JsonlSource("x", f"{memory_root}/data/none-*.jsonl")
+
+
+def test_gin_file_on_memory(memory_root):
+  from nanbeige_jax.config import ConfigError, build, parse_gin
+  from nanbeige_jax.data.prepare import PrepareConfig
+  paths.write_text(f"{memory_root}/prep.gin", "PrepareConfig.sources = {'a': {'kind': 'jsonl', 'paths': 'x'}}\n"
+                   "PrepareConfig.tokenizer_path = 't.model'\nPrepareConfig.output_dir = 'gs://b/out'\n")
+  parse_gin([f"{memory_root}/prep.gin"], ["PrepareConfig.num_workers = 3"])
+  config = build(PrepareConfig)
+  assert (config.output_dir, config.num_workers) == ("gs://b/out", 3)
+  with pytest.raises(ConfigError, match="gin file not found"):
+    parse_gin([f"{memory_root}/missing.gin"])
