@@ -125,6 +125,34 @@ def test_prepare_rerun_is_a_noop_and_a_different_plan_is_refused(prepared, corpu
     P.prepare(config, progress=False)
 
 
+def test_prepare_killed_while_publishing_a_shard_resumes_exactly(corpus, tokenizer, tmp_path, monkeypatch):
+  """A crash between a shard's ArrayRecord file and its marker (fault injected into the lengths write) leaves a
+  shard without marker: the next run redoes it, and every document is there once."""
+  config = P.PrepareConfig(sources={"alpha": {"kind": "jsonl", "paths": f"{corpus}/raw/alpha-*.jsonl"}},
+                           tokenizer_path=f"{corpus}/tok.model", output_dir=str(tmp_path / "out"),
+                           documents_per_shard=5, num_workers=0, splits=("train",))
+  real_write_bytes, calls = P.paths.write_bytes, []
+
+  def crash_on_third(path, data, **kwargs):
+    calls.extend([path] if str(path).endswith(".lengths.npy") else [])
+    if len(calls) == 3:
+      raise KeyboardInterrupt("killed")
+    return real_write_bytes(path, data, **kwargs)
+  monkeypatch.setattr(P.paths, "write_bytes", crash_on_third)
+  with pytest.raises(KeyboardInterrupt):
+    P.prepare(config, progress=False)
+  monkeypatch.undo()
+  split = tmp_path / "out" / "alpha" / "train"
+  assert len(list(split.glob("shard-00002-of-*.array_record"))) == 1
+  assert not (split / "progress" / "shard-00002.json").exists() and not (split / "index.json").exists()
+  index = P.prepare(config, progress=False)["alpha/train"]
+  raw = _source(corpus, "alpha")
+  got = _all_documents(PreparedSource(str(tmp_path / "out" / "alpha"), "train"))
+  assert [d[1:-1].tolist() for d in got] == [tokenizer.encode(raw.document(int(i)))
+                                             for i in P.document_order(raw, "train", seed=0)]
+  assert index["num_documents"] == len(got)
+
+
 def test_prepare_array_record_source_with_spawned_workers(corpus, tokenizer, tmp_path):
   """ArrayRecord readers do not survive a fork: such sources go to spawned workers (a fork would crash them)."""
   from array_record.python.array_record_module import ArrayRecordWriter
