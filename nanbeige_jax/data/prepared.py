@@ -14,8 +14,9 @@ Per process: the source of every global row comes from ``draw_row_sources`` (as 
 of a row is its source's position plus ``seq_len`` times the number of earlier rows of the batch drawn from the same
 source (a vectorised count over the draw: a few integer ops per global row). Only this process's rows are located,
 read and packed, so its reading and packing work does not depend on the number of processes. Records come from
-grain's ``ArrayRecordDataSource`` of each shard: one batched read per shard and batch (ArrayRecord parallelises it),
-or with ``read_threads > 0`` a grain ``MapDataset`` over the batch's records read by that many threads; with
+grain's ``ArrayRecordDataSource`` of each shard: read in the building thread (``read_threads=0``, fastest from
+local disk or page cache: ~40 records per 8 x 4096 batch), or with ``read_threads > 0`` through a grain
+``MapDataset`` over the batch's records read by that many threads (high-latency mounts); with
 ``prefetch`` the next batch is built in a background thread while the caller trains on this one. A shard's
 document lengths are loaded when a row first touches it; the ``max_open_shards`` most recently used shards per
 source stay open (lengths and reader), so memory and file handles stay bounded over a 23T-token run.
@@ -214,9 +215,8 @@ class PreparedMixtureIterator(ShardedBatchIterator):
   """Packed, process-sharded global batches from prepared sources under a per-call mixture.
 
   ``sources``: name -> prepared directory (``<output_dir>/<name>``) or ``PreparedSource``; the tokenizer must be
-  the one the sources were prepared with. ``read_threads``: 0 reads each shard's records of a batch in one
-  batched ArrayRecord read (fastest on local disk); N > 0 reads them through a grain MapDataset with N threads
-  (for high-latency mounts). ``prefetch``: build the next batch in a background thread (see ``next_batch``).
+  the one the sources were prepared with. ``read_threads``: 0 reads a batch's records in the building thread
+  (fastest on local disk); N > 0 reads them through a grain MapDataset with N threads (for high-latency mounts). ``prefetch``: build the next batch in a background thread (see ``next_batch``).
   """
 
   def __init__(self, sources: Mapping[str, str | os.PathLike | PreparedSource], tokenizer: Any, *, batch_size: int,
@@ -247,7 +247,7 @@ class PreparedMixtureIterator(ShardedBatchIterator):
   # ---- reading -----------------------------------------------------------------------------------------------------
   def _read(self, keys: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], np.ndarray]:
     """Records by ``(source index, shard, doc)``; the previous batch's are reused (a long document spans batches).
-    ``read_threads == 0``: one batched read per shard; else a grain MapDataset over the keys read by threads."""
+    ``read_threads == 0``: read here, shard by shard; else a grain MapDataset over the keys read by threads."""
     found = {key: self._recent[key] for key in keys if key in self._recent}
     missing = [key for key in keys if key not in found]
     names = self.source_names
