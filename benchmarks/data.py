@@ -40,7 +40,7 @@ flags.DEFINE_integer("batch_size", 8, "Rows per process per batch.", lower_bound
 flags.DEFINE_integer("seq_len", 4096, "Row length.", lower_bound=2)
 flags.DEFINE_integer("batches", 8, "Timed batches per process count (after one warm-up batch).", lower_bound=1)
 flags.DEFINE_list("process_counts", ["1", "2", "4", "8", "16", "32", "64"], "Simulated process counts.")
-flags.DEFINE_integer("read_threads", 0, "0: records read in the building thread; N: a grain MapDataset read by N threads.",
+flags.DEFINE_integer("read_threads", 0, "0: records read in the building thread; N: a grain MapDataset, N threads.",
                      lower_bound=0)
 flags.DEFINE_bool("prefetch", False, "Build the next batch in a background thread (off: time the full cost).")
 flags.DEFINE_string("data_dir", None, "Where to write the synthetic prepared corpus (default: a temporary dir).")

@@ -216,7 +216,8 @@ class PreparedMixtureIterator(ShardedBatchIterator):
 
   ``sources``: name -> prepared directory (``<output_dir>/<name>``) or ``PreparedSource``; the tokenizer must be
   the one the sources were prepared with. ``read_threads``: 0 reads a batch's records in the building thread
-  (fastest on local disk); N > 0 reads them through a grain MapDataset with N threads (for high-latency mounts). ``prefetch``: build the next batch in a background thread (see ``next_batch``).
+  (fastest on local disk); N > 0 reads them through a grain MapDataset with N threads (for high-latency mounts).
+  ``prefetch``: build the next batch in a background thread (see ``next_batch``).
   """
 
   def __init__(self, sources: Mapping[str, str | os.PathLike | PreparedSource], tokenizer: Any, *, batch_size: int,
