@@ -33,8 +33,26 @@ def gin_dataclass(cls=None, *, module: str = "nanbeige_jax"):
   return wrap if cls is None else wrap(cls)
 
 
+def _is_remote_gin_file(path: str) -> bool:
+  from nanbeige_jax import paths  # pylint: disable=import-outside-toplevel
+  return not paths.is_local(path) and paths.is_file(path)
+
+
+def _open_remote_gin_file(path: str):
+  from nanbeige_jax import paths  # pylint: disable=import-outside-toplevel
+  return paths.open_file(path, "r")
+
+
+gin.config.register_file_reader(_open_remote_gin_file, _is_remote_gin_file)  # gs://... gin files (path layer)
+
+
 def resolve_config_path(path: str) -> str:
-  """A gin file path as given, or relative to the repo's ``configs/`` directory."""
+  """A gin file path as given (local or any path-layer scheme, e.g. ``gs://``), or relative to the repo's
+  ``configs/`` directory."""
+  if "://" in path:
+    if _is_remote_gin_file(path):
+      return path
+    raise ConfigError(f"gin file not found: {path!r}")
   for candidate in (path, os.path.join(CONFIG_DIR, path), os.path.join(REPO_ROOT, path)):
     if os.path.exists(candidate):
       return candidate
@@ -46,7 +64,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
   gin.clear_config()
   paths = [resolve_config_path(f) for f in files]
   for p in paths:
-    gin.add_config_file_search_path(os.path.dirname(os.path.abspath(p)))
+    if "://" not in p:
+      gin.add_config_file_search_path(os.path.dirname(os.path.abspath(p)))
   gin.add_config_file_search_path(CONFIG_DIR)
   try:
     with _quiet_gin_search():

@@ -1,4 +1,5 @@
-"""Run metrics: JSONL + TensorBoard writers, a progress bar with ETA, throughput and MFU.
+"""Run metrics: JSONL + TensorBoard writers (local or any path-layer scheme), a progress bar with ETA, throughput and
+MFU.
 
 MFU follows the MaxText definition: model FLOPs per token (6N over matmul parameters plus causal attention counted
 half, ``ModelConfig.flops_per_token``) times tokens/s, over the devices' peak FLOP/s.
@@ -8,12 +9,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
 import jax
 import numpy as np
+
+from nanbeige_jax import paths
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
 
 # Dense bf16 peak FLOP/s per chip (vendor figures).
 PEAK_FLOPS = {
@@ -48,21 +56,38 @@ def device_peak_flops(device=None) -> float | None:
 
 
 class MetricsWriter:
-  """Writes scalar metrics to ``<workdir>/metrics.jsonl`` and TensorBoard (``<workdir>/tb``) from process 0."""
+  """Writes scalar metrics to ``<workdir>/metrics.jsonl`` and TensorBoard (``<workdir>/tb``) from process 0.
 
-  def __init__(self, workdir: str | os.PathLike, enabled: bool | None = None):
+  ``workdir`` may be any path-layer scheme (``gs://...``). On local disk both are written in place (the JSONL line
+  by line). Elsewhere both are staged in a local directory and uploaded by ``sync()``: every ``sync_every_s``
+  seconds from ``write``, and at ``close``. tensorboardX writes only local files and S3 itself, so staging is the
+  one behaviour for every scheme; an existing remote ``metrics.jsonl`` (a resumed run) is downloaded first so that
+  the run appends to it. Each upload replaces whole objects (atomic per object).
+  """
+
+  def __init__(self, workdir: str | os.PathLike, enabled: bool | None = None, *, sync_every_s: float = 60.0):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.workdir = os.fspath(workdir)
+    self.path = paths.join(self.workdir, METRICS_FILE)
+    self.sync_every_s = sync_every_s
     self._tb = None
     self._file = None
-    if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._file = open(self.path, "a", buffering=1)
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-      except ImportError:  # pragma: no cover - tensorboardX is a core dependency
-        self._tb = None
+    self._staging: str | None = None
+    self._last_sync = time.monotonic()
+    if not self.enabled:
+      return
+    paths.mkdir(self.workdir)
+    local_dir = self.workdir
+    if not paths.is_local(self.workdir):
+      local_dir = self._staging = tempfile.mkdtemp(prefix="nanbeige_metrics_")
+      if paths.exists(self.path):
+        paths.copy(self.path, os.path.join(local_dir, METRICS_FILE))
+    self._file = open(os.path.join(local_dir, METRICS_FILE), "a", buffering=1, encoding="utf-8")
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(local_dir, TB_DIR))
+    except ImportError:  # pragma: no cover - tensorboardX is a core dependency
+      self._tb = None
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
@@ -73,14 +98,40 @@ class MetricsWriter:
       for k, v in clean.items():
         if isinstance(v, (int, float)) and math.isfinite(v):
           self._tb.add_scalar(k, v, int(step))
+    if self._staging is not None and time.monotonic() - self._last_sync >= self.sync_every_s:
+      self.sync()
+
+  def sync(self) -> None:
+    """Flushes, and for a non-local workdir uploads the staged JSONL and TensorBoard event files."""
+    if not self.enabled:
+      return
+    if self._file:
+      self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
+    self._last_sync = time.monotonic()
+    if self._staging is None:
+      return
+    paths.copy(os.path.join(self._staging, METRICS_FILE), self.path)
+    for root, _, files in os.walk(self._staging):
+      for name in files:
+        local = os.path.join(root, name)
+        relative = os.path.relpath(local, self._staging)
+        if relative != METRICS_FILE:
+          paths.copy(local, paths.join(self.workdir, *relative.split(os.sep)))
 
   def close(self) -> None:
-    if self._file:
-      self._file.close()
-      self._file = None
     if self._tb is not None:
       self._tb.close()
-      self._tb = None
+    if self._file:
+      self._file.close()
+    if self._staging is not None and (self._file or self._tb is not None):
+      self._file = self._tb = None
+      self.sync()
+      shutil.rmtree(self._staging, ignore_errors=True)
+      self._staging = None
+    self._file = None
+    self._tb = None
 
 
 def _to_python(v: Any) -> Any:
@@ -92,8 +143,8 @@ def _to_python(v: Any) -> Any:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The rows of a metrics JSONL file (any path-layer scheme)."""
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def format_duration(seconds: float) -> str:

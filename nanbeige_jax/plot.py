@@ -1,8 +1,12 @@
-"""Draw a run's loss, learning rate and data-mixture weights over tokens seen (from metrics.jsonl) to a PNG."""
+"""Draw a run's loss, learning rate and data-mixture weights over tokens seen (from metrics.jsonl) to a PNG.
+
+Both paths go through the path layer (``nanbeige_jax.paths``): a run on ``gs://`` is plotted in place.
+"""
 from __future__ import annotations
 
-import os
+import io
 
+from nanbeige_jax import paths
 from nanbeige_jax.metrics import read_metrics
 
 
@@ -46,7 +50,8 @@ def plot_run(metrics_path: str, out_path: str) -> str:
   for x, name in phases:
     axes[0].annotate(str(name), (x, 1.0), xycoords=("data", "axes fraction"), fontsize=7, va="top")
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  fig.savefig(out_path, dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
   plt.close(fig)
+  paths.write_bytes(out_path, buffer.getvalue())
   return out_path

