@@ -10,7 +10,6 @@ body once, so its raw figure undercounts a scanned layer stack.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from typing import Any
@@ -127,8 +126,8 @@ def default_optimizer():
 
 def build_trainer(model_cfg: ModelConfig, devices: list[Any], sharding: ShardingConfig, *, microbatches: int = 1,
                   vocab_chunk: int = 8192, tx: Any = None):
-  from nanbeige_jax.train.lm import make_lm_loss
-  from nanbeige_jax.train.loop import Trainer
+  from nanbeige_jax.objectives.lm import make_lm_loss
+  from nanbeige_jax.train.step import Trainer
   mesh = sharding.make_mesh(devices=devices)
   return Trainer(model_cfg, tx if tx is not None else default_optimizer(), make_lm_loss(vocab_chunk=vocab_chunk),
                  mesh=mesh, rules=sharding.rules, microbatches=microbatches)
@@ -165,15 +164,8 @@ def compile_for_topology(model_cfg: ModelConfig, topology: str | TopologySpec, *
     spec = dataclasses.replace(spec, hbm_per_chip=int(hbm_per_chip))
   devices = devices if devices is not None else topology_devices(spec)
   sharding = sharding or ShardingConfig(rules="fsdp")
-  if global_batch % microbatches:
-    raise ValueError(f"global_batch={global_batch} is not divisible by microbatches={microbatches}")
   trainer = build_trainer(model_cfg, devices, sharding, microbatches=microbatches, vocab_chunk=vocab_chunk)
-  entry = trainer.batch_sharding(2).spec[0] if len(trainer.batch_sharding(2).spec) else None
-  batch_axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-  batch_devices = math.prod(trainer.mesh.shape[a] for a in batch_axes)
-  if (global_batch // microbatches) % batch_devices:
-    raise ValueError(f"micro-batch of {global_batch // microbatches} rows cannot be split over the "
-                     f"{batch_devices} batch shards of mesh {dict(trainer.mesh.shape)}")
+  trainer.check_batch(global_batch)  # the trainer's own check: one error for both
   hbm_per_device = spec.hbm_per_chip * spec.chips // len(devices)
   t0 = time.perf_counter()
   try:

@@ -18,8 +18,8 @@ from nanbeige_jax.model import Decoder, get_preset
 from nanbeige_jax.optim.optimizer import OptimizerConfig, make_optimizer
 from nanbeige_jax.optim.schedules import FGWSDSchedule
 from nanbeige_jax.sharding import make_mesh
-from nanbeige_jax.train.lm import make_lm_loss
-from nanbeige_jax.train.loop import Trainer
+from nanbeige_jax.objectives.lm import make_lm_loss
+from nanbeige_jax.train.step import Trainer
 from nanbeige_jax.train.sft import SFTConfig, run_sft
 
 CFG = get_preset("test")

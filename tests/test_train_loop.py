@@ -7,7 +7,7 @@ import pytest
 
 from nanbeige_jax.model import get_preset
 from nanbeige_jax.sharding import make_mesh
-from nanbeige_jax.train.loop import Trainer
+from nanbeige_jax.train.step import Trainer
 
 CFG = get_preset("test", dtype="float32")
 
