@@ -72,8 +72,8 @@ def check_tokenizer(stored: str | None, tokenizer: Any, where: str) -> None:
   """RunError when a checkpoint's recorded tokenizer fingerprint ``stored`` is not ``tokenizer``'s (None: not
   recorded, accepted)."""
   if stored is not None and stored != tokenizer.fingerprint():
-    raise RunError(f"{where} was trained with tokenizer {stored}, but the configured tokenizer "
-                   f"{tokenizer.source!r} is {tokenizer.fingerprint()}")
+    raise RunError(f"{where} was trained with tokenizer fingerprint {stored}, but the configured tokenizer "
+                   f"{tokenizer.source!r} has fingerprint {tokenizer.fingerprint()}")
 
 
 def read_checkpoint_metadata(ckpt_dir: str | os.PathLike, step: int | None = None) -> tuple[dict, int]:
