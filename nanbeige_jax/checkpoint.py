@@ -33,6 +33,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from nanbeige_jax.config import path_str
+
 FORMAT_VERSION = 1
 ITEM_PARAMS = "params"
 ITEM_OPT_STATE = "opt_state"
@@ -85,6 +87,16 @@ def build_metadata(model_cfg, *, stage: str, tokenizer_fingerprint: str | None =
   return metadata
 
 
+def tokenizer_mismatch(metadata: dict, tokenizer: Any) -> str | None:
+  """None when ``tokenizer`` can be the one the checkpoint was trained with (same fingerprint, or none recorded);
+  else the one-line reason (each caller raises its own error with its context)."""
+  stored = metadata.get("tokenizer_fingerprint")
+  if stored is None or stored == tokenizer.fingerprint():
+    return None
+  return (f"was trained with tokenizer fingerprint {stored}, but the configured tokenizer "
+          f"{getattr(tokenizer, 'source', '')!r} has fingerprint {tokenizer.fingerprint()}")
+
+
 def check_model_config(metadata: dict, model_cfg) -> None:
   """Raise CheckpointError unless the checkpoint's architecture matches ``model_cfg`` (compile-time knobs such as
   scan_layers, remat_policy, dtype are free to differ); the message lists the differing fields."""
@@ -124,15 +136,8 @@ def _check_json(what: str, value: Any) -> None:
 # Tree helpers
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "idx", "name"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _path_str(path: Iterable[Any]) -> str:
-  return "/".join(_key_name(k) for k in path) or "<root>"
+  return path_str(path, "<root>")
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:

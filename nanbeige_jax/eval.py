@@ -30,6 +30,7 @@ from flax import nnx
 
 from nanbeige_jax.config import gin_dataclass
 from nanbeige_jax.generate import Sampler, SamplingConfig, load_model, resolve_stop_tokens
+from nanbeige_jax.objectives.lm import make_lm_loss
 from nanbeige_jax.rewards.math_verify import check_answer
 
 PROMPT_FORMATS = ("auto", "plain", "chat")
@@ -119,19 +120,21 @@ def accuracy_metrics(correct: np.ndarray) -> dict[str, float]:
 # Perplexity
 # --------------------------------------------------------------------------------------------------------------
 def make_nll_fn(model, rope_theta: float | None = None) -> Callable[[dict[str, np.ndarray]], tuple[float, float]]:
-  """A jitted batch -> (sum of token NLL weighted by loss_weights, sum of weights)."""
+  """A jitted batch -> (sum of token NLL weighted by loss_weights, sum of weights): the training LM objective's
+  cross-entropy term (``nanbeige_jax.objectives.lm``)."""
   graphdef, state = nnx.split(model)
+  objective = make_lm_loss()
+  theta = model.cfg.rope_theta if rope_theta is None else rope_theta
 
   @jax.jit
-  def nll(state, inputs, targets, positions, segment_ids, weights):
-    logits = nnx.merge(graphdef, state)(inputs, positions, segment_ids, rope_theta=rope_theta)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(token_nll * weights), jnp.sum(weights)
+  def nll(state, batch):
+    terms, _ = objective(nnx.merge(graphdef, state), batch, theta)
+    return terms["ce"]
 
   def run(batch):
-    total, weight = nll(state, *(jnp.asarray(batch[k]) for k in ("inputs", "targets", "positions", "segment_ids")),
-                        jnp.asarray(batch["loss_weights"], jnp.float32))
+    keys = ("inputs", "targets", "positions", "segment_ids")
+    total, weight = nll(state, {**{k: jnp.asarray(batch[k]) for k in keys},
+                                "loss_weights": jnp.asarray(batch["loss_weights"], jnp.float32)})
     return float(total), float(weight)
   return run
 

@@ -5,7 +5,7 @@ stage hand-off (``init_params`` from a checkpoint of this project or a Hugging F
 
 ``move_run_aside(workdir) -> [paths]``: ``--fresh`` renames ``checkpoints`` and ``metrics.jsonl`` aside.
 ``resolve_run_dirs(path) -> (checkpoint dir, run dir)``: a run workdir or its checkpoint directory.
-``check_tokenizer(stored_fingerprint, tokenizer, where)``: the one tokenizer-fingerprint check.
+``check_tokenizer(metadata, tokenizer, where)``: the one tokenizer-fingerprint check.
 ``check_checkpoint_metadata(workdir, step, meta, *, stage, model_cfg, tokenizer, accept_unstaged=False,
 stage_description=None)``: ``resume.ResumeError`` when a checkpoint is not this run's.
 ``read_checkpoint_metadata(ckpt_dir, step=None) -> (metadata, step)``: read-only.
@@ -68,12 +68,11 @@ def resolve_run_dirs(path: str | os.PathLike, *, what: str = "checkpoint directo
   return path, path.parent
 
 
-def check_tokenizer(stored: str | None, tokenizer: Any, where: str) -> None:
-  """RunError when a checkpoint's recorded tokenizer fingerprint ``stored`` is not ``tokenizer``'s (None: not
-  recorded, accepted)."""
-  if stored is not None and stored != tokenizer.fingerprint():
-    raise RunError(f"{where} was trained with tokenizer fingerprint {stored}, but the configured tokenizer "
-                   f"{tokenizer.source!r} has fingerprint {tokenizer.fingerprint()}")
+def check_tokenizer(metadata: dict, tokenizer: Any, where: str) -> None:
+  """RunError when checkpoint ``metadata`` records another tokenizer than ``tokenizer``."""
+  reason = ckpt_lib.tokenizer_mismatch(metadata, tokenizer)
+  if reason:
+    raise RunError(f"{where} {reason}")
 
 
 def read_checkpoint_metadata(ckpt_dir: str | os.PathLike, step: int | None = None) -> tuple[dict, int]:
@@ -107,7 +106,7 @@ def check_checkpoint_metadata(workdir: str | os.PathLike, step: int, meta: dict,
                              f"resume into it: use another --workdir or pass --fresh to start over") from None
   if tokenizer is not None:
     try:
-      check_tokenizer(meta.get("tokenizer_fingerprint"), tokenizer, f"{workdir}: checkpoint step {step}")
+      check_tokenizer(meta, tokenizer, f"{workdir}: checkpoint step {step}")
     except RunError as e:
       raise resume.ResumeError(f"{e}; pass --fresh to start over") from None
 

@@ -161,7 +161,7 @@ class SFTStage(stage.Stage):
     run.tokenizer = load_tokenizer(cfg, run.workdir, resuming=run.resume is not None)
     run.tokenizer.check_fits(run.model_cfg.vocab_size)
     if run.resume is None and init_ckpt is not None:
-      check_tokenizer(source_meta.get("tokenizer_fingerprint"), run.tokenizer, f"{init_ckpt}: the init checkpoint")
+      check_tokenizer(source_meta, run.tokenizer, f"{init_ckpt}: the init checkpoint")
 
   def write_workdir(self, run: stage.StageRun) -> None:
     tok_copy = run.workdir / "tokenizer.model"
