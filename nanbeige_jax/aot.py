@@ -12,13 +12,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from nanbeige_jax.model import ModelConfig
+from nanbeige_jax.objectives.lm import make_lm_loss
+from nanbeige_jax.optim.optimizer import OptimizerConfig, make_optimizer
 from nanbeige_jax.sharding import ShardingConfig, format_bytes
+from nanbeige_jax.train.step import Trainer
 
 GiB = 1024**3
 
@@ -120,14 +124,11 @@ def batch_shapes(global_batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStr
 
 def default_optimizer():
   """Full AdamW (clipping, decay mask) as trained: the optimizer state the memory figures include."""
-  from nanbeige_jax.optim.optimizer import OptimizerConfig, make_optimizer
   return make_optimizer(OptimizerConfig())
 
 
 def build_trainer(model_cfg: ModelConfig, devices: list[Any], sharding: ShardingConfig, *, microbatches: int = 1,
                   vocab_chunk: int = 8192, tx: Any = None):
-  from nanbeige_jax.objectives.lm import make_lm_loss
-  from nanbeige_jax.train.step import Trainer
   mesh = sharding.make_mesh(devices=devices)
   return Trainer(model_cfg, tx if tx is not None else default_optimizer(), make_lm_loss(vocab_chunk=vocab_chunk),
                  mesh=mesh, rules=sharding.rules, microbatches=microbatches)
@@ -158,7 +159,6 @@ def compile_for_topology(model_cfg: ModelConfig, topology: str | TopologySpec, *
   """Lower and compile the full train step (forward, backward, AdamW update) for ``topology``; nothing is
   allocated. ``devices`` overrides the topology's device list (to reuse one); ``hbm_per_chip`` the chip's HBM
   (e.g. to keep a reserve)."""
-  import time
   spec = get_topology(topology) if isinstance(topology, str) else topology
   if hbm_per_chip is not None:
     spec = dataclasses.replace(spec, hbm_per_chip=int(hbm_per_chip))

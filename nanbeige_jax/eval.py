@@ -29,6 +29,13 @@ import numpy as np
 from flax import nnx
 
 from nanbeige_jax.config import gin_dataclass
+from nanbeige_jax.data.chat_template import user_prompt
+from nanbeige_jax.data.mixture import MixtureIterator
+from nanbeige_jax.data.sft_data import ARITHMETIC_INSTRUCTION
+from nanbeige_jax.data.sources import build_source
+from nanbeige_jax.data.tasks import arithmetic
+from nanbeige_jax.data.tasks.arithmetic import DIFFICULTIES
+from nanbeige_jax.data.tokenizer import Tokenizer
 from nanbeige_jax.generate import Sampler, SamplingConfig, load_model, resolve_stop_tokens
 from nanbeige_jax.objectives.lm import make_lm_loss
 from nanbeige_jax.rewards.math_verify import check_answer
@@ -84,7 +91,6 @@ class EvalConfig:
     unknown = [t for t in self.tasks if t not in TASKS]
     if unknown:
       raise ValueError(f"EvalConfig.tasks: unknown task(s) {unknown}; known: {TASKS}")
-    from nanbeige_jax.data.tasks.arithmetic import DIFFICULTIES
     if (not isinstance(self.difficulties, (tuple, list)) or not self.difficulties
         or any(d not in DIFFICULTIES for d in self.difficulties)):
       raise ValueError(f"EvalConfig.difficulties: expected a non-empty subset of {DIFFICULTIES}, "
@@ -142,7 +148,6 @@ def make_nll_fn(model, rope_theta: float | None = None) -> Callable[[dict[str, n
 def perplexity(model, tokenizer, sources: dict[str, Any], *, seq_len: int, batch_size: int,
                max_batches: int | None, rope_theta: float | None = None) -> dict[str, dict[str, float]]:
   """Per source: mean NLL per target token and perplexity over (up to ``max_batches`` batches of) its eval split."""
-  from nanbeige_jax.data.mixture import MixtureIterator
   data = MixtureIterator(sources, tokenizer, batch_size=batch_size, seed=0, split="eval")
   nll_fn = make_nll_fn(model, rope_theta)
   out = {}
@@ -173,9 +178,6 @@ def arithmetic_items(tokenizer, num_problems: int, prompt_format: str, seed: int
   """Held-out arithmetic problems of the given difficulty levels as prompts: ``plain`` is the pre-training text
   format up to "Answer:", ``chat`` a ChatML user turn with the SFT data's instruction (the model answers in its
   assistant turn)."""
-  from nanbeige_jax.data.chat_template import user_prompt
-  from nanbeige_jax.data.sft_data import ARITHMETIC_INSTRUCTION
-  from nanbeige_jax.data.tasks import arithmetic
   items = []
   for p in arithmetic.generate("heldout", num_problems, seed=seed, difficulties=tuple(difficulties)):
     if prompt_format == "plain":
@@ -244,8 +246,6 @@ def default_stop_tokens(prompt_format: str) -> tuple[str, ...]:
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-  from nanbeige_jax.data.sources import build_source
-  from nanbeige_jax.data.tokenizer import Tokenizer
   ckpt_dir, tok_path = _resolve_paths(cfg)
   tokenizer = Tokenizer.load(tok_path)
   model, metadata, step = load_model(ckpt_dir, step=cfg.step, tokenizer=tokenizer, dtype=cfg.dtype)

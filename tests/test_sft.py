@@ -327,3 +327,31 @@ def test_runner_stop_signal_and_nonfinite_policy(tmp_path):
   result, ckpt = run(Objective(nan_after_two, {"ce": 1.0}), tmp_path / "b", limit=3)
   assert "3 consecutive non-finite steps" in result.stop_reason and int(result.state.skipped_steps) == 4
   assert ckpt.latest_step() is None
+
+
+def test_overlong_conversations_are_dropped_and_counted_by_default():
+  """The default no longer trains a truncated assistant turn that never reaches its <|im_end|>."""
+  from nanbeige_jax.data.sft_data import ChatSource, SFTMixtureIterator
+  default = SFTConfig.__dataclass_fields__["overlong"].default
+  assert default == "drop"
+  long_chat = [{"role": "user", "content": "q" * 20}, {"role": "assistant", "content": "a" * 200}]
+  short_chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+  class Chats(ChatSource):
+    def num_conversations(self):
+      return 8
+
+    def conversation(self, index):
+      return long_chat if index % 2 else short_chat
+
+    def _eval_mask(self):
+      return np.arange(8) >= 8
+
+  tok = CharTokenizer()
+  it = SFTMixtureIterator({"chats": Chats("chats")}, tok, batch_size=2, seed=0, overlong=default)
+  batch = it.next_batch({"chats": 1.0}, 64)
+  assert it.stats["dropped"] > 0 and it.stats["truncated"] == 0
+  assert batch["loss_weights"].sum() > 0
+  # Every trained assistant turn ends in its <|im_end|> (id 2): none was cut.
+  ends = batch["targets"][batch["loss_weights"] > 0]
+  assert (ends == 2).sum() == (np.diff(np.concatenate([[0], (batch["loss_weights"] > 0).ravel()])) == 1).sum()
