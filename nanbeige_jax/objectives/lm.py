@@ -3,7 +3,10 @@ cross-entropy ``ce`` over weighted tokens and, when ``z_loss_weight`` > 0, the z
 divided by the global token count; per-source sums for per-domain loss reporting."""
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
+import numpy as np
 
 from nanbeige_jax import losses
 from nanbeige_jax.objectives.base import Objective
@@ -32,3 +35,23 @@ def make_lm_loss(*, num_sources: int = 0, z_loss_weight: float = 0.0, vocab_chun
     return terms, sums
   coefficients = {"ce": 1.0, **({"z": float(z_loss_weight)} if z_loss_weight else {})}
   return Objective(fn, coefficients, loss_term="ce")
+
+
+def eval_sums(trainer: Any, params: Any, batches: Any, rope_theta: float, num_sources: int
+              ) -> tuple[float, float, dict[str, np.ndarray]]:
+  """``(loss_sum, weight_sum, per-source sums)`` of ``trainer.eval_step`` over an iterable of host batches."""
+  loss_sum = weight_sum = 0.0
+  sums = {"source_nll": np.zeros(num_sources), "source_tokens": np.zeros(num_sources)}
+  for batch in batches:
+    out = trainer.eval_step(params, batch, rope_theta)
+    loss_sum += float(out["loss_sum"])
+    weight_sum += float(out["weight_sum"])
+    for key in sums:
+      sums[key] += np.asarray(out["sums"][key])
+  return loss_sum, weight_sum, sums
+
+
+def per_source_losses(sums: dict[str, Any], names: list[str], *, prefix: str) -> dict[str, float]:
+  """``{prefix + name: mean loss}`` for the sources with tokens in ``sums`` (the LM loss's per-source sums)."""
+  nll, tokens = np.asarray(sums["source_nll"]), np.asarray(sums["source_tokens"])
+  return {f"{prefix}{n}": float(nll[i] / tokens[i]) for i, n in enumerate(names) if tokens[i] > 0}

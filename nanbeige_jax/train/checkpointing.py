@@ -8,7 +8,8 @@ stage hand-off (``init_params`` from a checkpoint of this project or a Hugging F
 ``check_tokenizer(metadata, tokenizer, where)``: the one tokenizer-fingerprint check.
 ``check_checkpoint_metadata(workdir, step, meta, *, stage, model_cfg, tokenizer, accept_unstaged=False,
 stage_description=None)``: ``resume.ResumeError`` when a checkpoint is not this run's.
-``read_checkpoint_metadata(ckpt_dir, step=None) -> (metadata, step)``: read-only.
+``read_checkpoint_metadata(ckpt_dir, step=None) -> (metadata, step)``: read-only;
+``model_config_from_metadata(metadata, where, overrides=None)``: the recorded model config.
 ``init_params(trainer, *, checkpoint_dir=None, step=None, hf_dir=None) -> (params, metadata)``.
 ``Checkpointer(directory, *, metadata, data_state_fn, keep=3, async_save=True, check_metadata=None)``:
 ``latest_step()``, ``restore(trainer)``, ``save(step, state)``, ``last_saved``, ``step_path(step)``, ``close()``.
@@ -27,6 +28,7 @@ import numpy as np
 
 from nanbeige_jax import checkpoint as ckpt_lib
 from nanbeige_jax.hf import load_hf_params
+from nanbeige_jax.model import ModelConfig
 from nanbeige_jax.train import resume
 from nanbeige_jax.train.loop import METRICS_FILE
 from nanbeige_jax.train.state import TrainState
@@ -85,6 +87,14 @@ def read_checkpoint_metadata(ckpt_dir: str | os.PathLike, step: int | None = Non
       return manager.read_metadata(step), int(step)
   except ckpt_lib.CheckpointError as e:
     raise RunError(f"cannot read {ckpt_dir}: {e}") from None
+
+
+def model_config_from_metadata(metadata: dict, where: str, overrides: dict | None = None) -> ModelConfig:
+  """The ``ModelConfig`` a checkpoint recorded, with compile-time ``overrides`` (dtype, remat, ...) applied."""
+  if "model_config" not in metadata:
+    raise RunError(f"{where}: checkpoint metadata has no model_config")
+  cfg = ModelConfig.from_dict(metadata["model_config"])
+  return cfg.replace(**overrides) if overrides else cfg
 
 
 def check_checkpoint_metadata(workdir: str | os.PathLike, step: int, meta: dict, *, stage: str,

@@ -8,37 +8,27 @@ would have seen and its losses equal an uninterrupted run's bit for bit (on the 
 This module is a spec of the stage template (``nanbeige_jax.train.stage.run_stage``): it supplies the data (native or
 seqio: ``PretrainConfig.data_backend``), the per-step inputs (phase, mixture weights, tokens seen, LR and RoPE base
 from the FG-WSD plan; a checkpoint at every phase end), the LM objective, the per-source losses and the per-source
-evaluation. Fault handling is the template's (see docs/faults.md):
-* everything checkable is validated before the workdir is touched (config, mesh, sources, tokenizer/model
-  vocabulary, an existing checkpoint's stage, model and tokenizer), so bad input writes nothing;
-* SIGTERM/SIGINT (and the multi-host preemption sync point) finish the current step, checkpoint and return;
-  a second signal kills the process at once;
-* resume restores the newest checkpoint that restores completely, moving corrupt newer ones aside
-  (``nanbeige_jax.train.resume``); keep-last-N pruning never deletes the newest verified checkpoint; metric rows
-  logged after the restored step by the interrupted run are dropped;
-* non-finite steps are skipped by the train core and counted; ``max_consecutive_nonfinite`` in a row stop the run.
+evaluation. Fault handling (validation before writing, signals, resume with fallback, the non-finite policy) is
+the template's: see docs/faults.md.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import pathlib
 from typing import Any
 
-import jax
 import numpy as np
 
 from nanbeige_jax import checkpoint as ckpt_lib
 from nanbeige_jax.config import ConfigError, as_dict, gin_dataclass
-from nanbeige_jax.data.mixture import MixtureIterator
-from nanbeige_jax.data.sources import build_source
-from nanbeige_jax.data.tokenizer import Tokenizer
 from nanbeige_jax.model import ModelConfig, get_preset
-from nanbeige_jax.objectives.lm import make_lm_loss
+from nanbeige_jax.objectives.lm import eval_sums, make_lm_loss, per_source_losses
 from nanbeige_jax.optim.optimizer import OptimizerConfig
 from nanbeige_jax.train import stage
 from nanbeige_jax.train.loop import StepInputs, TrainingStopped  # noqa: F401  (TrainingStopped: re-exported)
+from nanbeige_jax.train.pretrain_data import (build_sources, data_iterator_class, eval_batches,
+                                              load_configured_tokenizer, make_data_iterator, train_tokenizer)
 
 log = logging.getLogger("nanbeige_jax.pretrain")
 
@@ -88,79 +78,6 @@ class PretrainConfig(stage.RunConfig):
 
   def model_config(self) -> ModelConfig:
     return get_preset(self.model_preset, **self.model_overrides)
-
-
-# --- set-up helpers ----------------------------------------------------------------------------------------------
-def build_sources(cfg: PretrainConfig) -> dict[str, Any]:
-  out = {}
-  for name, spec in cfg.sources.items():
-    kwargs = {k: v for k, v in spec.items() if k != "kind"}
-    if cfg.data_root and "paths" in kwargs:
-      paths = [kwargs["paths"]] if isinstance(kwargs["paths"], str) else list(kwargs["paths"])
-      kwargs["paths"] = [p if os.path.isabs(p) else os.path.join(cfg.data_root, p) for p in paths]
-    if spec["kind"] == "jsonl" and cfg.skip_bad_lines:
-      kwargs.setdefault("skip_bad_lines", True)
-    out[name] = build_source(spec["kind"], name, **kwargs)
-    out[name].validate()
-  return out
-
-
-def load_configured_tokenizer(cfg: PretrainConfig, workdir: pathlib.Path) -> Tokenizer | None:
-  """The tokenizer named by the config or already in the workdir (read-only); None when one must be trained."""
-  if cfg.tokenizer_path:
-    return Tokenizer.load(cfg.tokenizer_path)
-  path = workdir / "tokenizer.model"
-  return Tokenizer.load(path) if path.exists() else None
-
-
-def train_tokenizer(cfg: PretrainConfig, sources: dict[str, Any], workdir: pathlib.Path) -> Tokenizer:
-  """Train the default tokenizer on the sources into ``<workdir>/tokenizer.model`` (written atomically)."""
-  path = workdir / "tokenizer.model"
-  texts: list[str] = []
-  for name in sorted(sources):
-    docs = sources[name].split_documents("train")
-    step = max(1, len(docs) // cfg.tokenizer_train_docs)
-    texts.extend(d[:20000] for d in docs[::step][: cfg.tokenizer_train_docs])
-  tmp = workdir / f".tokenizer.tmp.{os.getpid()}"
-  tok = Tokenizer.train(texts, tmp, cfg.tokenizer_vocab_size)
-  os.replace(f"{tmp}.model", path)
-  if os.path.exists(f"{tmp}.vocab"):
-    os.replace(f"{tmp}.vocab", workdir / "tokenizer.vocab")
-  log.info("trained a %d-piece tokenizer on %d documents -> %s", tok.vocab_size, len(texts), path)
-  return Tokenizer.load(path)
-
-
-def data_iterator_class(cfg: PretrainConfig) -> type:
-  """``MixtureIterator`` or, for ``data_backend='seqio'``, ``SeqioMixtureIterator`` (ConfigError without seqio)."""
-  if cfg.data_backend != "seqio":
-    return MixtureIterator
-  try:
-    import seqio  # noqa: F401
-    from nanbeige_jax.data.seqio_feed import SeqioMixtureIterator
-  except ImportError:
-    raise ConfigError("PretrainConfig.data_backend='seqio' needs the seqio extra: pip install -e '.[seqio]'") from None
-  return SeqioMixtureIterator
-
-
-def make_data_iterator(cfg: PretrainConfig, sources: dict[str, Any], tokenizer: Tokenizer, names: list[str]) -> Any:
-  """The training batch stream of ``cfg.data_backend`` (both backends have the same interface and state)."""
-  per_process = cfg.global_batch_size // jax.process_count()
-  iterator_cls = data_iterator_class(cfg)
-  return iterator_cls({n: sources[n] for n in names}, tokenizer, batch_size=per_process, seed=cfg.seed,
-                      process_index=jax.process_index(), process_count=jax.process_count(), split="train")
-
-
-def eval_batches(cfg: PretrainConfig, data: Any, sources: dict[str, Any], tokenizer: Tokenizer,
-                 names: list[str]) -> Any:
-  """The held-out batches of one evaluation (the same every time). seqio: one pass over each task's validation
-  split, at most ``eval_batches`` batches per source (``SeqioMixtureIterator.eval_batches``). native:
-  ``eval_batches`` batches of the sources' eval splits under a uniform mixture (a fresh eval-split iterator)."""
-  if cfg.data_backend == "seqio":
-    return (batch for name in names for batch in data.eval_batches(name, cfg.seq_len, max_batches=cfg.eval_batches))
-  it = MixtureIterator({n: sources[n] for n in names}, tokenizer, batch_size=data.batch_size, seed=cfg.seed + 1,
-                       process_index=jax.process_index(), process_count=jax.process_count(), split="eval")
-  uniform = {n: 1.0 for n in names}
-  return (it.next_batch(uniform, cfg.seq_len) for _ in range(cfg.eval_batches))
 
 
 # --- the spec --------------------------------------------------------------------------------------------------
@@ -221,17 +138,17 @@ class PretrainStage(stage.Stage):
     return inputs
 
   def log_fields(self, run: stage.StageRun, step: int, host: dict[str, Any], inputs: StepInputs) -> dict[str, Any]:
-    return stage.per_source_losses(host["sums"], run.extra["names"], prefix="loss/")
+    return per_source_losses(host["sums"], run.extra["names"], prefix="loss/")
 
   def evaluate(self, run: stage.StageRun, step: int, state: Any) -> dict[str, Any]:
     names = run.extra["names"]
     batches = eval_batches(run.cfg, run.data, run.extra["sources"], run.tokenizer, names)
-    loss_sum, weight_sum, sums = stage.eval_sums(run.trainer, state.params, batches, run.rope_theta(step - 1),
+    loss_sum, weight_sum, sums = eval_sums(run.trainer, state.params, batches, run.rope_theta(step - 1),
                                                  len(names))
     row = {"tokens_seen": stage.tokens_before_step(run.plan, step)}
     if weight_sum > 0:
       row["eval/loss"] = loss_sum / weight_sum
-    row.update(stage.per_source_losses(sums, names, prefix="eval/loss/"))
+    row.update(per_source_losses(sums, names, prefix="eval/loss/"))
     return row
 
   def summary(self, run: stage.StageRun, summary: dict[str, Any]) -> dict[str, Any]:

@@ -3,11 +3,10 @@
 ``run_sft(cfg, workdir)`` is what ``launch/sft.py`` calls. A stage starts from the parameters of any checkpoint of
 this project (params only, fresh optimizer: the stage hand-off; ``SFTConfig.init_from``) or of a Hugging Face
 directory (``init_hf``) and trains on a per-domain mixture of chat sources (``nanbeige_jax.data.sft_data``) under
-an ``FGWSDSchedule`` (for SFT: warmup + one stable phase carrying the stage's mixture + decay; the schedule counts
-row tokens, ``global_batch_size * seq_len`` per step). Conversations are rendered with the Nanbeige chat template
-and packed with segment ids (no attention across conversations); the loss weights are the assistant mask, and the
-train core divides the summed loss by the number of assistant tokens in the whole global batch, so gradient
-accumulation and data parallelism do not change the update.
+an ``FGWSDSchedule`` (warmup + one stable phase carrying the stage's mixture + decay; it counts row tokens).
+Conversations are rendered with the Nanbeige chat template and packed with segment ids; the loss weights are the
+assistant mask, divided by the assistant-token count of the whole global batch (``nanbeige_jax.train.step``).
+This module is a spec of the stage template (``nanbeige_jax.train.stage``).
 
 The tokenizer is the init run's (``<init workdir>/tokenizer.model``, or ``tokenizer.model`` in the HF directory,
 or ``tokenizer_path``); its fingerprint must match the one the init checkpoint recorded. The run copies it to
@@ -35,12 +34,11 @@ from nanbeige_jax.data import chat_template
 from nanbeige_jax.data.sft_data import OVERLONG_POLICIES, SFTMixtureIterator, build_chat_source
 from nanbeige_jax.data.tokenizer import Tokenizer
 from nanbeige_jax.hf import model_config_from_hf, read_hf_config
-from nanbeige_jax.model import ModelConfig
-from nanbeige_jax.objectives.lm import make_lm_loss
+from nanbeige_jax.objectives.lm import eval_sums, make_lm_loss, per_source_losses
 from nanbeige_jax.optim.optimizer import OptimizerConfig
 from nanbeige_jax.train import stage
-from nanbeige_jax.train.checkpointing import (RunError, check_tokenizer, init_params, read_checkpoint_metadata,
-                                              resolve_run_dirs)
+from nanbeige_jax.train.checkpointing import (RunError, check_tokenizer, init_params, model_config_from_metadata,
+                                              read_checkpoint_metadata, resolve_run_dirs)
 from nanbeige_jax.train.loop import StepInputs
 
 log = logging.getLogger("nanbeige_jax.sft")
@@ -92,22 +90,13 @@ class SFTConfig(stage.RunConfig):
 
 
 # --- set-up ----------------------------------------------------------------------------------------------------
-def resolve_init_dirs(init_from: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
-  """(checkpoint directory, run workdir) of ``init_from``, which names either a run workdir or its checkpoints."""
-  try:
-    return resolve_run_dirs(init_from, what="SFTConfig.init_from:")
-  except RunError as e:
-    raise ConfigError(f"{e} (run launch/pretrain.py first, or point it at a run directory or a checkpoint "
-                      f"directory of this project)") from None
-
-
 def load_tokenizer(cfg: SFTConfig, workdir: pathlib.Path, resuming: bool) -> Tokenizer:
   if cfg.tokenizer_path:
     path = pathlib.Path(cfg.tokenizer_path)
   elif resuming and (workdir / "tokenizer.model").is_file():
     path = workdir / "tokenizer.model"
   elif cfg.init_from is not None:
-    path = resolve_init_dirs(cfg.init_from)[1] / "tokenizer.model"
+    path = resolve_run_dirs(cfg.init_from, what="SFTConfig.init_from:")[1] / "tokenizer.model"
   elif cfg.init_hf is not None:
     path = pathlib.Path(cfg.init_hf) / "tokenizer.model"
   else:
@@ -120,13 +109,6 @@ def load_tokenizer(cfg: SFTConfig, workdir: pathlib.Path, resuming: bool) -> Tok
     raise ConfigError(f"tokenizer {str(path)!r} lacks the chat-template special token(s) {missing}; SFT needs "
                       f"{list(CHAT_SPECIALS)} as atomic pieces")
   return tokenizer
-
-
-def _model_config_from(metadata: dict, where: str, overrides: dict) -> ModelConfig:
-  if "model_config" not in metadata:
-    raise ConfigError(f"{where}: checkpoint metadata has no model_config")
-  cfg = ModelConfig.from_dict(metadata["model_config"])
-  return cfg.replace(**overrides) if overrides else cfg
 
 
 # --- the spec --------------------------------------------------------------------------------------------------
@@ -142,13 +124,13 @@ class SFTStage(stage.Stage):
     init_ckpt, source_meta = None, {}
     if run.resume is not None:
       resume_meta = run.resume[1]
-      run.model_cfg = _model_config_from(resume_meta, str(run.ckpt_dir), cfg.model_overrides)
+      run.model_cfg = model_config_from_metadata(resume_meta, str(run.ckpt_dir), cfg.model_overrides)
       extra = resume_meta.get("extra") or {}
       init_meta = {**(extra.get("init") or {}), "sources": extra.get("sources")}
     elif cfg.init_from is not None:
-      init_ckpt, _ = resolve_init_dirs(cfg.init_from)
+      init_ckpt, _ = resolve_run_dirs(cfg.init_from, what="SFTConfig.init_from:")
       source_meta, source_step = read_checkpoint_metadata(init_ckpt, cfg.init_step)
-      run.model_cfg = _model_config_from(source_meta, str(init_ckpt), cfg.model_overrides)
+      run.model_cfg = model_config_from_metadata(source_meta, str(init_ckpt), cfg.model_overrides)
       init_meta = {"from": str(init_ckpt), "step": source_step, "stage": source_meta.get("stage"),
                    "sources": (source_meta.get("extra") or {}).get("sources")}
     elif cfg.init_hf is not None:
@@ -207,20 +189,20 @@ class SFTStage(stage.Stage):
 
   def log_fields(self, run: stage.StageRun, step: int, host: dict[str, Any], inputs: StepInputs) -> dict[str, Any]:
     row = {"dropped_conversations": run.data.stats["dropped"], "truncated_conversations": run.data.stats["truncated"]}
-    row.update(stage.per_source_losses(host["sums"], run.extra["names"], prefix="loss/"))
+    row.update(per_source_losses(host["sums"], run.extra["names"], prefix="loss/"))
     return row
 
   def evaluate(self, run: stage.StageRun, step: int, state: Any) -> dict[str, Any]:
     entry = stage.phase_for_step(run.plan, run.total_steps - 1)
     names = run.extra["names"]
-    loss_sum, weight_sum, sums = stage.eval_sums(
+    loss_sum, weight_sum, sums = eval_sums(
         run.trainer, state.params, run.data.eval_batches(entry.seq_len, max_batches=run.cfg.eval_batches),
         run.rope_theta(run.total_steps - 1), len(names))
     if weight_sum == 0:
       log.warning("no eval conversations in any SFT source (eval_fraction too small for the data?)")
       return {"eval/loss_tokens": 0.0}
     row = {"eval/loss": loss_sum / weight_sum, "eval/loss_tokens": weight_sum}
-    row.update(stage.per_source_losses(sums, names, prefix="eval/loss/"))
+    row.update(per_source_losses(sums, names, prefix="eval/loss/"))
     return row
 
   def summary(self, run: stage.StageRun, summary: dict[str, Any]) -> dict[str, Any]:

@@ -153,26 +153,6 @@ def tokens_before_step(plan: list[Any], step: int) -> int:
   return entry.start_tokens + (step - entry.start_step) * entry.tokens_per_step
 
 
-def eval_sums(trainer: Any, params: Any, batches: Any, rope_theta: float, num_sources: int
-              ) -> tuple[float, float, dict[str, np.ndarray]]:
-  """``(loss_sum, weight_sum, per-source sums)`` of ``trainer.eval_step`` over an iterable of host batches."""
-  loss_sum = weight_sum = 0.0
-  sums = {"source_nll": np.zeros(num_sources), "source_tokens": np.zeros(num_sources)}
-  for batch in batches:
-    out = trainer.eval_step(params, batch, rope_theta)
-    loss_sum += float(out["loss_sum"])
-    weight_sum += float(out["weight_sum"])
-    for key in sums:
-      sums[key] += np.asarray(out["sums"][key])
-  return loss_sum, weight_sum, sums
-
-
-def per_source_losses(sums: dict[str, Any], names: list[str], *, prefix: str) -> dict[str, float]:
-  """``{prefix + name: mean loss}`` for the sources with tokens in ``sums`` (the LM loss's per-source sums)."""
-  nll, tokens = np.asarray(sums["source_nll"]), np.asarray(sums["source_tokens"])
-  return {f"{prefix}{n}": float(nll[i] / tokens[i]) for i, n in enumerate(names) if tokens[i] > 0}
-
-
 def run_for_launcher(run: Callable[[], dict[str, Any]], workdir: str | os.PathLike) -> dict[str, Any]:
   """What a launcher's ``main`` does with a run: one ``error: ...``/``stopped: ...`` line and a non-zero exit on bad
   input or the non-finite stop, else one ``done: ...`` line on stdout. Returns the summary."""
