@@ -91,3 +91,42 @@ def test_buffer_refuses_bad_splits():
     RolloutBuffer({"a": np.zeros((4, 2)), "b": np.zeros((3,))})
   with pytest.raises(ValueError, match="cannot be split into 4"):
     list(RolloutBuffer(rollout(), group_size=4).minibatches(4))
+
+
+def test_rollout_update_cycle_through_the_loop(tmp_path):
+  """``next_inputs(step, state)`` samples with the current parameters (``set_params`` copies them before the step
+  donates the state), the buffer turns the rollout into the step's batch; nothing recompiles across steps."""
+  import optax
+
+  from nanbeige_jax.checkpoint import build_metadata
+  from nanbeige_jax.metrics import MetricsWriter, Progress
+  from nanbeige_jax.objectives import make_lm_loss
+  from nanbeige_jax.train.checkpointing import Checkpointer
+  from nanbeige_jax.train.loop import LoopSettings, StepInputs, train_loop
+  from nanbeige_jax.train.step import Trainer
+  trainer = Trainer(CFG, optax.inject_hyperparams(optax.sgd)(learning_rate=1.0), make_lm_loss(vocab_chunk=256),
+                    mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  sampler = Sampler(Decoder(CFG, rngs=nnx.Rngs(0)))
+  seen = []
+
+  def next_inputs(step, state):
+    sampler.set_params(state.params)
+    out = sampler.generate([PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]], SAMPLED, seeds=0)
+    seen.append((compilations(sampler), out.token_array))
+    tokens = out.token_array
+    t = tokens.shape[1] - 1
+    rows = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_weights": np.ones((4, t), np.float32),
+            "segment_ids": np.ones((4, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (4, 1))}
+    (batch,) = RolloutBuffer(rows, group_size=2).minibatches(1, seed=step)
+    return StepInputs(batch=batch, lr=2.0, rope_theta=CFG.rope_theta, tokens=4 * t, seq_len=t)
+  ckpt = Checkpointer(tmp_path / "checkpoints", metadata=build_metadata(CFG, stage="t"),
+                      data_state_fn=lambda: {"iterator": {}}, async_save=False)
+  try:
+    result = train_loop(trainer, trainer.init_state(0), start_step=0,
+                        settings=LoopSettings(total_steps=3, log_every=1, eval_every=100, checkpoint_every=100),
+                        next_inputs=next_inputs, checkpointer=ckpt, writer=MetricsWriter(tmp_path), progress=Progress(3))
+  finally:
+    ckpt.close()
+  assert result.step == 3 and result.stop_reason is None
+  assert seen[0][0] == seen[1][0] == seen[2][0]  # one compilation, three parameter sets
+  assert not np.array_equal(seen[0][1], seen[2][1])  # the samples follow the updated policy (same seeds)
