@@ -124,7 +124,8 @@ def test_rollout_update_cycle_through_the_loop(tmp_path):
   try:
     result = train_loop(trainer, trainer.init_state(0), start_step=0,
                         settings=LoopSettings(total_steps=3, log_every=1, eval_every=100, checkpoint_every=100),
-                        next_inputs=next_inputs, checkpointer=ckpt, writer=MetricsWriter(tmp_path), progress=Progress(3))
+                        next_inputs=next_inputs, checkpointer=ckpt, writer=MetricsWriter(tmp_path),
+                        progress=Progress(3))
   finally:
     ckpt.close()
   assert result.step == 3 and result.stop_reason is None

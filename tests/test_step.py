@@ -204,3 +204,17 @@ def test_batch_that_does_not_divide_over_the_data_axes_is_refused():
   trainer = Trainer(CFG, SGD, make_lm_loss(vocab_chunk=100), mesh=mesh, microbatches=2)
   with pytest.raises(ValueError, match="cannot be split over the 8 batch shards"):
     trainer.train_step(trainer.init_state(0), make_batch(b=8), 1e-2, CFG.rope_theta)
+
+
+def test_a_run_whose_micro_batch_does_not_divide_is_refused_before_writing(tmp_path):
+  import gin
+
+  from nanbeige_jax.config import ConfigError, build, parse_gin
+  from nanbeige_jax.train.pretrain import PretrainConfig, run_pretrain
+  parse_gin(["pretrain/tiny.gin"], ["PretrainConfig.global_batch_size = 8", "PretrainConfig.microbatches = 2",
+                                    "PretrainConfig.mesh = {'data': 2, 'fsdp': 4, 'tensor': 1}"])
+  cfg = build(PretrainConfig)
+  gin.clear_config()
+  with pytest.raises(ConfigError, match=r"micro-batch of 4 rows .*8 batch shards"):
+    run_pretrain(cfg, tmp_path / "run")
+  assert not (tmp_path / "run").exists()

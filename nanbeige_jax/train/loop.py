@@ -15,10 +15,11 @@ log_fields=None, flops_per_token=None, peak_flops=None, stop=None) -> LoopResult
 total_steps - 1``. ``next_inputs(step, state) -> StepInputs`` sees the current state (a rollout stage samples with the
 current parameters; copy them, the step donates the state). Every ``log_every`` steps (and the first and last) a
 metric row: ``loss`` (the objective's logged term, e.g. the LM cross-entropy without z-loss), ``objective`` (the
-minimised total), ``loss/<term>`` for every term, ``lr``, ``grad_norm``, ``tokens_per_sec``, ``steps_per_sec``,
-``skipped_steps``, ``[mfu]``, the inputs' fields and ``log_fields(step, host_metrics, inputs)``. ``evaluate(step,
-state)`` every ``eval_every`` steps and at the end; checkpoints every ``checkpoint_every`` steps, after boundary
-steps, at the end and on a stop signal. ``max_consecutive_nonfinite`` skipped steps in a row stop the run.
+minimised total), ``objective/<term>`` for every term (e.g. ``objective/ce``, ``objective/z``), ``lr``,
+``grad_norm``, ``tokens_per_sec``, ``steps_per_sec``, ``skipped_steps``, ``[mfu]``, the inputs' fields and
+``log_fields(step, host_metrics, inputs)``. ``evaluate(step, state)`` every ``eval_every`` steps and at the end;
+checkpoints every ``checkpoint_every`` steps, after boundary steps, at the end and on a stop signal.
+``max_consecutive_nonfinite`` skipped steps in a row stop the run.
 ``run_loop(cfg, trainer, state, *, workdir, ...)``: ``train_loop`` with a config's cadence, metrics to the workdir.
 """
 from __future__ import annotations
@@ -196,7 +197,7 @@ def train_loop(trainer: Any, state: TrainState, *, start_step: int, settings: Lo
         first_loss = loss
       last_loss = loss
       row = {"loss": loss, "objective": float(host["objective"]),
-             **{f"loss/{t}": float(v) for t, v in host["terms"].items()}, "lr": inputs.lr,
+             **{f"objective/{t}": float(v) for t, v in host["terms"].items()}, "lr": inputs.lr,
              "grad_norm": float(host["grad_norm"]), "loss_tokens": float(host["tokens"]), "tokens_per_sec": tok_s,
              "steps_per_sec": (step - step_last) / dt, "seq_len": inputs.seq_len, "rope_theta": inputs.rope_theta,
              "skipped_steps": int(state.skipped_steps), **inputs.fields}

@@ -155,9 +155,9 @@ class SFTStage(stage.Stage):
     return make_lm_loss(num_sources=len(run.extra["names"]), vocab_chunk=run.cfg.vocab_chunk)
 
   def build_data(self, run: stage.StageRun):
-    cfg = run.cfg
-    return SFTMixtureIterator(run.extra["sources"], run.tokenizer, batch_size=cfg.global_batch_size // jax.process_count(),
-                              seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+    cfg, per_process = run.cfg, run.cfg.global_batch_size // jax.process_count()
+    return SFTMixtureIterator(run.extra["sources"], run.tokenizer, batch_size=per_process, seed=cfg.seed,
+                              process_index=jax.process_index(), process_count=jax.process_count(),
                               overlong=cfg.overlong)
 
   def metadata(self, run: stage.StageRun) -> dict:
