@@ -218,3 +218,22 @@ def test_a_run_whose_micro_batch_does_not_divide_is_refused_before_writing(tmp_p
   with pytest.raises(ConfigError, match=r"micro-batch of 4 rows .*8 batch shards"):
     run_pretrain(cfg, tmp_path / "run")
   assert not (tmp_path / "run").exists()
+
+
+def test_global_weights_of_a_multi_term_objective_cost_no_extra_forward():
+  """The other terms' scales need the global weights before the backward pass; the objective evaluated for them on
+  the whole batch is dead code apart from its (mask-only) weights, and the compiler removes it."""
+  def fn(model, batch, rope_theta, frozen):
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], rope_theta=rope_theta)
+    nll = -jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0]
+    w = batch["loss_weights"]
+    return {"tok": (jnp.sum(nll * w), jnp.sum(w)), "row": (jnp.sum(nll[:, 0] * w[:, 0]), jnp.sum(w[:, 0]))}, {}
+
+  def flops(objective):
+    trainer = Trainer(CFG, SGD, objective, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in make_batch(b=8).items()}
+    cost = trainer.lower_train_step(shapes).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+  one = flops(Objective(lambda *a: ({"tok": fn(*a)[0]["tok"]}, {}), {"tok": 1.0}))
+  two = flops(Objective(fn, {"tok": 1.0, "row": 0.5}))
+  assert one < two < 1.01 * one  # an extra forward pass would add ~30%
