@@ -10,7 +10,8 @@ stage hand-off (``init_params`` from a checkpoint of this project or a Hugging F
 stage_description=None)``: ``resume.ResumeError`` when a checkpoint is not this run's.
 ``read_checkpoint_metadata(ckpt_dir, step=None) -> (metadata, step)``: read-only;
 ``model_config_from_metadata(metadata, where, overrides=None)``: the recorded model config.
-``init_params(trainer, *, checkpoint_dir=None, step=None, hf_dir=None) -> (params, metadata)``.
+``init_params(trainer, *, checkpoint_dir=None, step=None, hf_dir=None, role=None) -> (params, metadata)``: the
+policy's initial parameters or (``role``) a frozen model's.
 ``Checkpointer(directory, *, metadata, data_state_fn, keep=3, async_save=True, check_metadata=None)``:
 ``latest_step()``, ``restore(trainer)``, ``save(step, state)``, ``last_saved``, ``step_path(step)``, ``close()``.
 ``resume_or_init(trainer, checkpointer, workdir, init_state) -> (state, start_step, data_state | None)``.
@@ -122,17 +123,26 @@ def check_checkpoint_metadata(workdir: str | os.PathLike, step: int, meta: dict,
 
 
 def init_params(trainer: Any, *, checkpoint_dir: str | os.PathLike | None = None, step: int | None = None,
-                hf_dir: str | os.PathLike | None = None) -> tuple[Any, dict]:
-  """(params in ``trainer.param_shardings``, source metadata) from a checkpoint of this project or an HF dir."""
+                hf_dir: str | os.PathLike | None = None, role: str | None = None) -> tuple[Any, dict]:
+  """(params in their shardings, source metadata) from a checkpoint of this project or an HF dir: the policy's
+  (``trainer.param_shardings``) or, with ``role``, the frozen model's (``trainer.frozen_shardings[role]``; e.g. a DPD
+  reference or teacher), its architecture checked against the trainer's config for it."""
   if (checkpoint_dir is None) == (hf_dir is None):
     raise RunError("init_params: give exactly one of checkpoint_dir or hf_dir")
+  if role is None:
+    model_cfg, target, shardings = trainer.cfg, trainer.abstract_params, trainer.param_shardings
+  elif role in trainer.frozen_configs:
+    model_cfg, target = trainer.frozen_configs[role], trainer.abstract_frozen[role]
+    shardings = trainer.frozen_shardings[role]
+  else:
+    raise RunError(f"init_params: no frozen model {role!r} in the trainer (roles {sorted(trainer.frozen_configs)})")
   if hf_dir is not None:
-    cfg, params = load_hf_params(hf_dir, param_dtype=trainer.cfg.param_dtype)
-    if cfg.fingerprint() != trainer.cfg.fingerprint():
-      diffs = [f"{k}: hf {v!r} vs run {getattr(trainer.cfg, k)!r}" for k, v in cfg.arch_dict().items()
-               if getattr(trainer.cfg, k) != v]
+    cfg, params = load_hf_params(hf_dir, param_dtype=model_cfg.param_dtype)
+    if cfg.fingerprint() != model_cfg.fingerprint():
+      diffs = [f"{k}: hf {v!r} vs run {getattr(model_cfg, k)!r}" for k, v in cfg.arch_dict().items()
+               if getattr(model_cfg, k) != v]
       raise RunError(f"{hf_dir}: the Hugging Face model differs from the run's model config: {'; '.join(diffs)}")
-    return jax.device_put(params, trainer.param_shardings), {"stage": "hf", "source": str(hf_dir)}
+    return jax.device_put(params, shardings), {"stage": "hf", "source": str(hf_dir)}
   directory = pathlib.Path(checkpoint_dir)
   if not directory.is_dir():
     raise RunError(f"init checkpoint directory {str(directory)!r} does not exist")
@@ -142,8 +152,8 @@ def init_params(trainer: Any, *, checkpoint_dir: str | os.PathLike | None = None
       if step is None:
         raise RunError(f"{directory}: no committed checkpoint step to initialise from")
       metadata = manager.read_metadata(step)
-      ckpt_lib.check_model_config(metadata, trainer.cfg)
-      restored = manager.restore(step, params_target=trainer.abstract_params, params_only=True)
+      ckpt_lib.check_model_config(metadata, model_cfg)
+      restored = manager.restore(step, params_target=target, params_only=True)
   except ckpt_lib.CheckpointError as e:
     raise RunError(f"cannot initialise from {directory}: {e}") from None
   metadata = dict(metadata)

@@ -5,7 +5,8 @@ A stage module holds only its ``Stage`` spec: data, ``next_inputs``, evaluation,
 pre-flight (``spec.prepare``: sources, tokenizer, model config, init source; the workdir's newest checkpoint must be
 this stage's, model's and tokenizer's; the schedule plan; the mesh and the batch split), so bad input writes nothing;
 then ``--fresh`` moves the old run aside, ``spec.write_workdir`` (tokenizer), the operative config, the ``Trainer``
-(``spec.objective``, ``spec.frozen_configs``), ``spec.build_data``, the ``Checkpointer`` (``spec.metadata``,
+(``spec.objective``, ``spec.frozen_configs``), the frozen models' parameters (``spec.frozen_params``),
+``spec.build_data``, the ``Checkpointer`` (``spec.metadata``,
 ``spec.data_state``), resume or ``spec.init_state``, the loop (``spec.next_inputs(run, step, state)``,
 ``spec.evaluate``, ``spec.log_fields``), the summary (``spec.summary``) and the plot.
 
@@ -65,6 +66,8 @@ class RunConfig:
   mesh: dict = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
   max_steps: int | None = None              # stop early after this many steps in total (smoke runs)
   max_consecutive_nonfinite: int = 5        # stop after this many non-finite steps in a row (0 = never)
+  sources: dict = dataclasses.field(default_factory=dict)  # name -> {kind: ...}: the schedule's mixtures name these
+  plot: bool = False                        # write <workdir>/run.png at the end
 
 
 def validate_run_config(cfg: Any, *, extra_positive: tuple[str, ...] = (), sources_hint: str = "...") -> None:
@@ -199,6 +202,7 @@ class StageRun:
   total_steps: int = 0
   mesh: Any = None
   trainer: Trainer | None = None
+  frozen: dict[str, Any] = dataclasses.field(default_factory=dict)  # {role: params}, placed (spec.frozen_params)
   data: Any = None
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # the spec's own set-up state
 
@@ -245,6 +249,12 @@ class Stage:
     raise NotImplementedError
 
   def frozen_configs(self, run: StageRun) -> dict[str, Any]:
+    """``{role: ModelConfig}`` of the frozen models the objective reads (reference, teacher, reward model)."""
+    return {}
+
+  def frozen_params(self, run: StageRun) -> dict[str, Any]:
+    """``{role: params}`` for ``frozen_configs`` (e.g. ``checkpointing.init_params(run.trainer, role=...)``); placed
+    once in their shardings and passed to every step whose ``StepInputs.frozen`` is None."""
     return {}
 
   def build_data(self, run: StageRun) -> Any:
@@ -343,6 +353,7 @@ def _run_stage(run: StageRun, spec: Stage, operative_config: str | None, shardin
                         rules=DEFAULT_RULES, microbatches=cfg.microbatches, frozen_configs=spec.frozen_configs(run))
   if sharding_report:
     print_sharding_report(run.trainer)
+  run.frozen = run.trainer.put_frozen(spec.frozen_params(run))
   run.data = spec.build_data(run)
   checkpointer = Checkpointer(run.ckpt_dir, metadata=spec.metadata(run), keep=cfg.keep_checkpoints,
                               async_save=cfg.async_checkpointing, data_state_fn=lambda: spec.data_state(run),
@@ -355,8 +366,11 @@ def _run_stage(run: StageRun, spec: Stage, operative_config: str | None, shardin
     evaluate = None
     if cfg.eval_batches and type(spec).evaluate is not Stage.evaluate:
       evaluate = lambda step, st: spec.evaluate(run, step, st)  # noqa: E731
+    def next_inputs(step: int, st: Any) -> StepInputs:
+      inputs = spec.next_inputs(run, step, st)
+      return inputs if inputs.frozen is not None else dataclasses.replace(inputs, frozen=run.frozen)
     result = run_loop(cfg, run.trainer, state, workdir=run.workdir, start_step=start_step,
-                      total_steps=run.total_steps, next_inputs=lambda step, st: spec.next_inputs(run, step, st),
+                      total_steps=run.total_steps, next_inputs=next_inputs,
                       checkpointer=checkpointer, stop=run.stop, evaluate=evaluate,
                       log_fields=lambda step, host, inputs: spec.log_fields(run, step, host, inputs))
   finally:
@@ -365,7 +379,7 @@ def _run_stage(run: StageRun, spec: Stage, operative_config: str | None, shardin
                         workdir=run.workdir)
   summary = spec.summary(run, summary)
   write_summary(run.workdir, summary)
-  if jax.process_index() == 0 and getattr(cfg, "plot", False) and result.stop_reason is None:
+  if jax.process_index() == 0 and cfg.plot and result.stop_reason is None:
     from nanbeige_jax.plot import plot_run  # matplotlib: only when a plot is asked for
     summary["plot"] = plot_run(str(run.workdir / METRICS_FILE), str(run.workdir / "run.png"))
   raise_if_stopped(result)
