@@ -11,7 +11,6 @@ import pytest
 from flax import nnx
 
 from nanbeige_jax.checkpoint import build_metadata, save_params_checkpoint
-from nanbeige_jax.config import ConfigError
 from nanbeige_jax.model import Decoder, get_preset
 from nanbeige_jax.objectives import Objective
 from nanbeige_jax.optim.schedules import FGWSDSchedule
@@ -129,11 +128,3 @@ def test_a_distillation_shaped_stage_runs_logs_every_term_and_resumes_exactly(te
   assert [(r["step"], r["loss"], r["objective/kd"]) for r in again] == [
       (r["step"], r["loss"], r["objective/kd"]) for r in logged]
 
-
-def test_a_stage_refuses_another_stages_workdir(teacher_dir, tmp_path):
-  stage.run_stage(config(teacher_dir, max_steps=2), tmp_path / "w", DistillStage())
-
-  class Other(DistillStage):
-    name = "other"
-  with pytest.raises(ConfigError, match="not a 'other' one"):
-    stage.run_stage(config(teacher_dir), tmp_path / "w", Other())
