@@ -99,8 +99,8 @@ def make_jax_step(cfg, sharding, batch_np, warmup: int = 3) -> JaxStep:
   import jax
   import jax.numpy as jnp
   from nanbeige_jax import aot
-  from nanbeige_jax.train.lm import make_lm_loss
-  from nanbeige_jax.train.loop import Trainer
+  from nanbeige_jax.objectives.lm import make_lm_loss
+  from nanbeige_jax.train.step import Trainer
   mesh = sharding.make_mesh()
   trainer = Trainer(cfg, aot.default_optimizer(), make_lm_loss(vocab_chunk=FLAGS.vocab_chunk), mesh=mesh,
                     rules=sharding.rules, microbatches=FLAGS.microbatches)

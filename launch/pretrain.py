@@ -25,7 +25,7 @@ def main(argv):
   distributed.initialize_from_flags()
   import gin
   from nanbeige_jax.train.pretrain import PretrainConfig, run_pretrain
-  from nanbeige_jax.train.runner import run_for_launcher
+  from nanbeige_jax.train.stage import run_for_launcher
   bindings = list(FLAGS.gin_param)
   if FLAGS.max_steps is not None:
     bindings.append(f"PretrainConfig.max_steps = {FLAGS.max_steps}")

@@ -31,7 +31,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   distributed.initialize_from_flags()
   import gin
-  from nanbeige_jax.train.runner import run_for_launcher
+  from nanbeige_jax.train.stage import run_for_launcher
   from nanbeige_jax.train.sft import SFTConfig, run_sft
   bindings = list(FLAGS.gin_param)
   if FLAGS.init_from is not None and FLAGS.init_hf is not None:

@@ -10,16 +10,19 @@ body once, so its raw figure undercounts a scanned layer stack.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from nanbeige_jax.model import ModelConfig
+from nanbeige_jax.objectives.lm import make_lm_loss
+from nanbeige_jax.optim.optimizer import OptimizerConfig, make_optimizer
 from nanbeige_jax.sharding import ShardingConfig, format_bytes
+from nanbeige_jax.train.step import Trainer
 
 GiB = 1024**3
 
@@ -113,7 +116,7 @@ def memory_report(compiled: Any, hbm_per_device: int) -> MemoryReport:
 
 
 def batch_shapes(global_batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """Abstract shapes of one LM batch (what ``nanbeige_jax.train.lm.make_lm_loss`` reads)."""
+  """Abstract shapes of one LM batch (what ``nanbeige_jax.objectives.lm.make_lm_loss`` reads)."""
   i32 = lambda: jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32)
   return {"inputs": i32(), "targets": i32(), "positions": i32(), "segment_ids": i32(),
           "loss_weights": jax.ShapeDtypeStruct((global_batch, seq_len), jnp.float32)}
@@ -121,14 +124,11 @@ def batch_shapes(global_batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStr
 
 def default_optimizer():
   """Full AdamW (clipping, decay mask) as trained: the optimizer state the memory figures include."""
-  from nanbeige_jax.optim.optimizer import OptimizerConfig, make_optimizer
   return make_optimizer(OptimizerConfig())
 
 
 def build_trainer(model_cfg: ModelConfig, devices: list[Any], sharding: ShardingConfig, *, microbatches: int = 1,
                   vocab_chunk: int = 8192, tx: Any = None):
-  from nanbeige_jax.train.lm import make_lm_loss
-  from nanbeige_jax.train.loop import Trainer
   mesh = sharding.make_mesh(devices=devices)
   return Trainer(model_cfg, tx if tx is not None else default_optimizer(), make_lm_loss(vocab_chunk=vocab_chunk),
                  mesh=mesh, rules=sharding.rules, microbatches=microbatches)
@@ -159,21 +159,13 @@ def compile_for_topology(model_cfg: ModelConfig, topology: str | TopologySpec, *
   """Lower and compile the full train step (forward, backward, AdamW update) for ``topology``; nothing is
   allocated. ``devices`` overrides the topology's device list (to reuse one); ``hbm_per_chip`` the chip's HBM
   (e.g. to keep a reserve)."""
-  import time
   spec = get_topology(topology) if isinstance(topology, str) else topology
   if hbm_per_chip is not None:
     spec = dataclasses.replace(spec, hbm_per_chip=int(hbm_per_chip))
   devices = devices if devices is not None else topology_devices(spec)
   sharding = sharding or ShardingConfig(rules="fsdp")
-  if global_batch % microbatches:
-    raise ValueError(f"global_batch={global_batch} is not divisible by microbatches={microbatches}")
   trainer = build_trainer(model_cfg, devices, sharding, microbatches=microbatches, vocab_chunk=vocab_chunk)
-  entry = trainer.batch_sharding(2).spec[0] if len(trainer.batch_sharding(2).spec) else None
-  batch_axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-  batch_devices = math.prod(trainer.mesh.shape[a] for a in batch_axes)
-  if (global_batch // microbatches) % batch_devices:
-    raise ValueError(f"micro-batch of {global_batch // microbatches} rows cannot be split over the "
-                     f"{batch_devices} batch shards of mesh {dict(trainer.mesh.shape)}")
+  trainer.check_batch(global_batch)  # the trainer's own check: one error for both
   hbm_per_device = spec.hbm_per_chip * spec.chips // len(devices)
   t0 = time.perf_counter()
   try:

@@ -94,6 +94,16 @@ def check_model_config(metadata: dict, model_cfg, *, rope_theta: float | None = 
                         f"{expected.fingerprint()!r}: " + "; ".join(diffs))
 
 
+def tokenizer_mismatch(metadata: dict, tokenizer: Any) -> str | None:
+  """None when ``tokenizer`` can be the one the checkpoint was trained with (same fingerprint, or none recorded);
+  else the one-line reason (each caller raises its own error with its context)."""
+  stored = metadata.get("tokenizer_fingerprint")
+  if stored is None or stored == tokenizer.fingerprint():
+    return None
+  return (f"was trained with tokenizer fingerprint {stored}, but the configured tokenizer "
+          f"{getattr(tokenizer, 'source', '')!r} has fingerprint {tokenizer.fingerprint()}")
+
+
 def check_json(what: str, value: Any) -> None:
   """JSON items must be dicts with string keys that json can serialise (int keys would silently become str;
   tuples come back as lists)."""

@@ -11,18 +11,12 @@ import orbax.checkpoint as ocp
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from nanbeige_jax.checkpoint_errors import CheckpointError
+from nanbeige_jax.config import path_str
 
-
-
-def _key_name(key: Any) -> str:
-  for attr in ("key", "idx", "name"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
 
 
 def _path_str(path: Iterable[Any]) -> str:
-  return "/".join(_key_name(k) for k in path) or "<root>"
+  return path_str(path, "<root>")
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:

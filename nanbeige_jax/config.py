@@ -137,3 +137,26 @@ def define_run_flags(default_workdir: str, workdir_help: str, flag_values: Any =
   flags.DEFINE_string("workdir", default_workdir, workdir_help, **kw)
   flags.DEFINE_bool("fresh", False, "Start over even if the workdir holds checkpoints (they are moved aside).", **kw)
   flags.DEFINE_integer("max_steps", None, "Stop after this many steps in total (smoke runs).", **kw)
+
+
+def strict_replace(obj: Any, **changes: Any) -> Any:
+  """``dataclasses.replace`` that refuses a field the dataclass does not have (one line naming the class)."""
+  names = [f.name for f in dataclasses.fields(obj)]
+  unknown = sorted(set(changes) - set(names))
+  if unknown:
+    raise ValueError(f"{type(obj).__name__} has no field(s) {unknown}; known fields: {names}")
+  return dataclasses.replace(obj, **changes)
+
+
+def key_name(entry: Any) -> str:
+  """One key of a pytree key path (DictKey, SequenceKey, GetAttrKey, ...) as text."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def path_str(path: Any, root: str = "") -> str:
+  """A pytree key path as ``a/b/0`` (``root`` for the empty path)."""
+  return "/".join(key_name(k) for k in path) or root
+

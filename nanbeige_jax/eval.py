@@ -29,7 +29,15 @@ import numpy as np
 from flax import nnx
 
 from nanbeige_jax.config import gin_dataclass
+from nanbeige_jax.data.chat_template import user_prompt
+from nanbeige_jax.data.mixture import MixtureIterator
+from nanbeige_jax.data.sft_data import ARITHMETIC_INSTRUCTION
+from nanbeige_jax.data.sources import build_source
+from nanbeige_jax.data.tasks import arithmetic
+from nanbeige_jax.data.tasks.arithmetic import DIFFICULTIES
+from nanbeige_jax.data.tokenizer import Tokenizer
 from nanbeige_jax.generate import Sampler, SamplingConfig, load_model, resolve_stop_tokens
+from nanbeige_jax.objectives.lm import make_lm_loss
 from nanbeige_jax.rewards.math_verify import check_answer
 
 PROMPT_FORMATS = ("auto", "plain", "chat")
@@ -83,7 +91,6 @@ class EvalConfig:
     unknown = [t for t in self.tasks if t not in TASKS]
     if unknown:
       raise ValueError(f"EvalConfig.tasks: unknown task(s) {unknown}; known: {TASKS}")
-    from nanbeige_jax.data.tasks.arithmetic import DIFFICULTIES
     if (not isinstance(self.difficulties, (tuple, list)) or not self.difficulties
         or any(d not in DIFFICULTIES for d in self.difficulties)):
       raise ValueError(f"EvalConfig.difficulties: expected a non-empty subset of {DIFFICULTIES}, "
@@ -119,19 +126,21 @@ def accuracy_metrics(correct: np.ndarray) -> dict[str, float]:
 # Perplexity
 # --------------------------------------------------------------------------------------------------------------
 def make_nll_fn(model, rope_theta: float | None = None) -> Callable[[dict[str, np.ndarray]], tuple[float, float]]:
-  """A jitted batch -> (sum of token NLL weighted by loss_weights, sum of weights)."""
+  """A jitted batch -> (sum of token NLL weighted by loss_weights, sum of weights): the training LM objective's
+  cross-entropy term (``nanbeige_jax.objectives.lm``)."""
   graphdef, state = nnx.split(model)
+  objective = make_lm_loss()
+  theta = model.cfg.rope_theta if rope_theta is None else rope_theta
 
   @jax.jit
-  def nll(state, inputs, targets, positions, segment_ids, weights):
-    logits = nnx.merge(graphdef, state)(inputs, positions, segment_ids, rope_theta=rope_theta)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(token_nll * weights), jnp.sum(weights)
+  def nll(state, batch):
+    terms, _ = objective(nnx.merge(graphdef, state), batch, theta)
+    return terms["ce"]
 
   def run(batch):
-    total, weight = nll(state, *(jnp.asarray(batch[k]) for k in ("inputs", "targets", "positions", "segment_ids")),
-                        jnp.asarray(batch["loss_weights"], jnp.float32))
+    keys = ("inputs", "targets", "positions", "segment_ids")
+    total, weight = nll(state, {**{k: jnp.asarray(batch[k]) for k in keys},
+                                "loss_weights": jnp.asarray(batch["loss_weights"], jnp.float32)})
     return float(total), float(weight)
   return run
 
@@ -139,7 +148,6 @@ def make_nll_fn(model, rope_theta: float | None = None) -> Callable[[dict[str, n
 def perplexity(model, tokenizer, sources: dict[str, Any], *, seq_len: int, batch_size: int,
                max_batches: int | None, rope_theta: float | None = None) -> dict[str, dict[str, float]]:
   """Per source: mean NLL per target token and perplexity over (up to ``max_batches`` batches of) its eval split."""
-  from nanbeige_jax.data.mixture import MixtureIterator
   data = MixtureIterator(sources, tokenizer, batch_size=batch_size, seed=0, split="eval")
   nll_fn = make_nll_fn(model, rope_theta)
   out = {}
@@ -170,9 +178,6 @@ def arithmetic_items(tokenizer, num_problems: int, prompt_format: str, seed: int
   """Held-out arithmetic problems of the given difficulty levels as prompts: ``plain`` is the pre-training text
   format up to "Answer:", ``chat`` a ChatML user turn with the SFT data's instruction (the model answers in its
   assistant turn)."""
-  from nanbeige_jax.data.chat_template import user_prompt
-  from nanbeige_jax.data.sft_data import ARITHMETIC_INSTRUCTION
-  from nanbeige_jax.data.tasks import arithmetic
   items = []
   for p in arithmetic.generate("heldout", num_problems, seed=seed, difficulties=tuple(difficulties)):
     if prompt_format == "plain":
@@ -241,8 +246,6 @@ def default_stop_tokens(prompt_format: str) -> tuple[str, ...]:
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-  from nanbeige_jax.data.sources import build_source
-  from nanbeige_jax.data.tokenizer import Tokenizer
   ckpt_dir, tok_path = _resolve_paths(cfg)
   tokenizer = Tokenizer.load(tok_path)
   model, metadata, step = load_model(ckpt_dir, step=cfg.step, tokenizer=tokenizer, dtype=cfg.dtype)

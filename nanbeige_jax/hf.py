@@ -42,6 +42,7 @@ import ml_dtypes
 import numpy as np
 
 from nanbeige_jax.model.config import ModelConfig
+from nanbeige_jax.model.decoder import decoder_from_params
 
 CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
@@ -519,25 +520,6 @@ def save_hf_dir(hf_dir: str | os.PathLike, cfg: ModelConfig, params: Mapping[str
 # --------------------------------------------------------------------------------------------------------------
 # Parity with transformers
 # --------------------------------------------------------------------------------------------------------------
-def decoder_from_params(cfg: ModelConfig, params: Mapping[str, Any]):
-  """A Decoder holding ``params`` (numpy or jax arrays), built without a random initialisation."""
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from nanbeige_jax.model import abstract_model
-  validate_native_params(cfg, params)
-  graphdef, state = nnx.split(abstract_model(cfg))
-  param_state = nnx.state(nnx.merge(graphdef, state), nnx.Param)
-  dtype = np_dtype(cfg.param_dtype)
-  nnx.replace_by_pure_dict(param_state, _map_tree(lambda a: jnp.asarray(a, dtype), params))
-  model = nnx.merge(graphdef, param_state)
-  return model
-
-
-def _map_tree(fn, tree: Mapping[str, Any]) -> dict[str, Any]:
-  return {k: _map_tree(fn, v) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
-
-
 @dataclasses.dataclass(frozen=True)
 class ParityReport:
   max_abs_diff: float  # max |logits_ours - logits_hf|

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nanbeige_jax.config import gin_dataclass
+from nanbeige_jax.config import gin_dataclass, path_str, strict_replace
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
@@ -316,10 +316,7 @@ class ShardingConfig:
                      dcn_tensor=self.dcn_tensor, devices=devices)
 
   def replace(self, **changes: Any) -> "ShardingConfig":
-    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-    if unknown:
-      raise ValueError(f"ShardingConfig has no field(s) {unknown}")
-    return dataclasses.replace(self, **changes)
+    return strict_replace(self, **changes)
 
 
 # --- resolved-sharding report -----------------------------------------------------------------------------------
@@ -352,13 +349,6 @@ class ShardingReport:
                                 "bytes_per_device": r.bytes_per_device} for r in self.rows},
             "param_bytes_total": self.param_bytes_total, "param_bytes_per_device": self.param_bytes_per_device,
             "opt_bytes_total": self.opt_bytes_total, "opt_bytes_per_device": self.opt_bytes_per_device}
-
-
-def _key_str(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
 
 
 def spec_str(spec: PartitionSpec) -> str:
@@ -416,7 +406,7 @@ def sharding_report(params: Any, opt_state: Any = None) -> ShardingReport:
     else:
       spec = str(sharding)
     total, per_device = _leaf_bytes(leaf)
-    rows.append(ShardingRow(path="/".join(_key_str(k) for k in path), shape=tuple(int(d) for d in leaf.shape),
+    rows.append(ShardingRow(path=path_str(path), shape=tuple(int(d) for d in leaf.shape),
                             dtype=str(np.dtype(leaf.dtype)), spec=spec, bytes_total=total,
                             bytes_per_device=per_device))
   p_total, p_dev = _device_bytes(params)

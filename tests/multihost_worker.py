@@ -45,8 +45,8 @@ def global_batch(step: int) -> dict[str, np.ndarray]:
 def make_trainer(mesh_sizes=None):
   import jax
   from nanbeige_jax.sharding import make_mesh
-  from nanbeige_jax.train.lm import make_lm_loss
-  from nanbeige_jax.train.loop import Trainer
+  from nanbeige_jax.objectives.lm import make_lm_loss
+  from nanbeige_jax.train.step import Trainer
   mesh = make_mesh(**(mesh_sizes or MESH), devices=jax.devices())
   return Trainer(model_config(), make_optimizer(), make_lm_loss(vocab_chunk=64), mesh=mesh)
 

@@ -64,7 +64,7 @@ def test_compiler_out_of_memory_is_a_does_not_fit_answer(devices, monkeypatch):
   """Far over HBM the TPU compiler stops before any memory analysis exists (seen at batch 320 on v5p-8): the
   result is "does not fit" with the compiler's words, so --find_max_batch keeps bisecting instead of crashing."""
   import jax
-  from nanbeige_jax.train.loop import Trainer
+  from nanbeige_jax.train.step import Trainer
   message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
              "(101.43G) exceeds available HBM (95.74G).")
 

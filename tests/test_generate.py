@@ -21,7 +21,8 @@ def hf_and_model(tmp_path_factory):
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
 
-  from nanbeige_jax.hf import decoder_from_params, load_hf_params
+  from nanbeige_jax.hf import load_hf_params
+  from nanbeige_jax.model import decoder_from_params
   torch.manual_seed(0)
   hf_cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,

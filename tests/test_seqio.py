@@ -260,8 +260,8 @@ def test_trainer_learns_from_seqio_batches(setup):
   from nanbeige_jax.model import get_preset
   from nanbeige_jax.optim.optimizer import OptimizerConfig, make_optimizer
   from nanbeige_jax.sharding import make_mesh
-  from nanbeige_jax.train.lm import make_lm_loss
-  from nanbeige_jax.train.loop import Trainer
+  from nanbeige_jax.objectives.lm import make_lm_loss
+  from nanbeige_jax.train.step import Trainer
 
   tokenizer, _, _ = setup
   cfg = get_preset("test", dtype="float32", vocab_size=640)

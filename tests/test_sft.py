@@ -18,8 +18,9 @@ from nanbeige_jax.model import Decoder, get_preset
 from nanbeige_jax.optim.optimizer import OptimizerConfig, make_optimizer
 from nanbeige_jax.optim.schedules import FGWSDSchedule
 from nanbeige_jax.sharding import make_mesh
-from nanbeige_jax.train.lm import make_lm_loss
-from nanbeige_jax.train.loop import Trainer
+from nanbeige_jax.objectives import Objective
+from nanbeige_jax.objectives.lm import make_lm_loss
+from nanbeige_jax.train.step import Trainer
 from nanbeige_jax.train.sft import SFTConfig, run_sft
 
 CFG = get_preset("test")
@@ -53,7 +54,8 @@ def conversations(n, seed=0):
 def loss_sums(model, rows):
   loss_fn = make_lm_loss(vocab_chunk=64)
   batch = {k: jnp.asarray(v) for k, v in rows.items() if k != "source_ids"}
-  loss_sum, weight_sum, _ = loss_fn(model, batch, CFG.rope_theta)
+  terms, _ = loss_fn(model, batch, CFG.rope_theta)
+  loss_sum, weight_sum = terms["ce"]
   return float(loss_sum), float(weight_sum)
 
 
@@ -86,36 +88,43 @@ def sft_batch():
   return batch
 
 
-def one_update(mesh_kw, microbatches, devices, loss_fn=None):
-  tx = make_optimizer(OptimizerConfig(weight_decay=0.0, grad_clip_norm=None))
-  trainer = Trainer(CFG, tx, loss_fn or make_lm_loss(vocab_chunk=64), mesh=make_mesh(**mesh_kw, devices=devices),
+def one_gradient(mesh_kw, microbatches, devices, objective=None):
+  """The first update under plain SGD at lr 1 is exactly minus the gradient: gradients are compared directly (an
+  Adam step is ~lr*sign(g) and cannot see a gradient-scale error)."""
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+  trainer = Trainer(CFG, tx, objective or make_lm_loss(vocab_chunk=64), mesh=make_mesh(**mesh_kw, devices=devices),
                     microbatches=microbatches)
   state = trainer.init_state(seed=0)
-  state, metrics = trainer.train_step(state, sft_batch(), 1e-2, CFG.rope_theta)
-  return jax.device_get(state.params), float(metrics["loss"]), float(metrics["tokens"])
+  before = jax.device_get(state.params)
+  state, metrics = trainer.train_step(state, sft_batch(), 1.0, CFG.rope_theta)
+  grads = jax.tree.map(lambda a, b: a - np.asarray(b), before, jax.device_get(state.params))
+  return grads, float(metrics["loss"]), float(metrics["tokens"])
 
 
 def test_accumulation_and_data_parallel_invariance():
   """The same global batch of 8 rows: 8 devices x 1 row (data parallel) vs 1 device x 8 micro-batches."""
   devices = jax.devices()
   assert len(devices) == 8
-  dp_params, dp_loss, dp_tokens = one_update({"data": 8, "fsdp": 1, "tensor": 1}, 1, devices)
-  ga_params, ga_loss, ga_tokens = one_update({"data": 1, "fsdp": 1, "tensor": 1}, 8, devices[:1])
+  dp_grads, dp_loss, dp_tokens = one_gradient({"data": 8, "fsdp": 1, "tensor": 1}, 1, devices)
+  ga_grads, ga_loss, ga_tokens = one_gradient({"data": 1, "fsdp": 1, "tensor": 1}, 8, devices[:1])
   batch = sft_batch()
   assert dp_tokens == ga_tokens == batch["loss_weights"].sum()
   np.testing.assert_allclose(dp_loss, ga_loss, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), dp_params, ga_params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), dp_grads, ga_grads)
 
-  # The classic bug (mean per micro-batch, then averaged over micro-batches) gives a different update: the
+  # The classic bug (mean per micro-batch, then averaged over micro-batches) gives a different gradient: the
   # comparison above can tell the two apart.
   base = make_lm_loss(vocab_chunk=64)
 
-  def per_micro_mean(model, mb, theta):
-    loss_sum, weight_sum, sums = base(model, mb, theta)
-    return loss_sum / weight_sum, jnp.float32(1.0), sums
-  bad_params, _, _ = one_update({"data": 1, "fsdp": 1, "tensor": 1}, 8, devices[:1], per_micro_mean)
-  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), bad_params, ga_params))
-  assert max(diffs) > 1e-4
+  def per_micro_mean(model, mb, theta, frozen):
+    terms, sums = base(model, mb, theta)
+    loss_sum, weight_sum = terms["ce"]
+    return {"ce": (loss_sum / weight_sum, jnp.float32(1.0))}, sums
+  bad_grads, _, _ = one_gradient({"data": 1, "fsdp": 1, "tensor": 1}, 8, devices[:1],
+                                 Objective(per_micro_mean, {"ce": 1.0}))
+  rel = [float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12)) for a, b in
+         zip(jax.tree.leaves(bad_grads), jax.tree.leaves(ga_grads))]
+  assert max(rel) > 1e-2
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -280,23 +289,23 @@ def test_runner_stop_signal_and_nonfinite_policy(tmp_path):
 
   from nanbeige_jax.checkpoint import build_metadata
   from nanbeige_jax.metrics import MetricsWriter, Progress
-  from nanbeige_jax.train import runner
+  from nanbeige_jax.train import checkpointing, loop
   batch = sft_batch()
 
   def run(loss_fn, workdir, on_step=None, limit=3):
     tx = make_optimizer(OptimizerConfig())
     trainer = Trainer(CFG, tx, loss_fn, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-    ckpt = runner.Checkpointer(workdir / "checkpoints", metadata=build_metadata(CFG, stage="t"),
+    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", metadata=build_metadata(CFG, stage="t"),
                                data_state_fn=lambda: {"cursor": 0}, async_save=False)
 
-    def next_inputs(step):
+    def next_inputs(step, state):
       if on_step is not None:
         on_step(step)
-      return runner.StepInputs(batch=batch, lr=1e-3, rope_theta=CFG.rope_theta, tokens=100, seq_len=128)
-    settings = runner.LoopSettings(total_steps=10, log_every=1, eval_every=100, checkpoint_every=100,
+      return loop.StepInputs(batch=batch, lr=1e-3, rope_theta=CFG.rope_theta, tokens=100, seq_len=128)
+    settings = loop.LoopSettings(total_steps=10, log_every=1, eval_every=100, checkpoint_every=100,
                                    max_consecutive_nonfinite=limit)
     try:
-      return runner.train_loop(trainer, trainer.init_state(0), start_step=0, settings=settings,
+      return loop.train_loop(trainer, trainer.init_state(0), start_step=0, settings=settings,
                                next_inputs=next_inputs, checkpointer=ckpt, writer=MetricsWriter(workdir),
                                progress=Progress(10)), ckpt
     finally:
@@ -311,9 +320,38 @@ def test_runner_stop_signal_and_nonfinite_policy(tmp_path):
 
   base = make_lm_loss(vocab_chunk=64)
 
-  def nan_after_two(model, mb, theta):
-    loss_sum, weight_sum, sums = base(model, mb, theta)
-    return loss_sum * jnp.nan, weight_sum, sums
-  result, ckpt = run(nan_after_two, tmp_path / "b", limit=3)
+  def nan_after_two(model, mb, theta, frozen):
+    terms, sums = base(model, mb, theta)
+    loss_sum, weight_sum = terms["ce"]
+    return {"ce": (loss_sum * jnp.nan, weight_sum)}, sums
+  result, ckpt = run(Objective(nan_after_two, {"ce": 1.0}), tmp_path / "b", limit=3)
   assert "3 consecutive non-finite steps" in result.stop_reason and int(result.state.skipped_steps) == 4
   assert ckpt.latest_step() is None
+
+
+def test_overlong_conversations_are_dropped_and_counted_by_default():
+  """The default no longer trains a truncated assistant turn that never reaches its <|im_end|>."""
+  from nanbeige_jax.data.sft_data import ChatSource, SFTMixtureIterator
+  default = SFTConfig.__dataclass_fields__["overlong"].default
+  assert default == "drop"
+  long_chat = [{"role": "user", "content": "q" * 20}, {"role": "assistant", "content": "a" * 200}]
+  short_chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+  class Chats(ChatSource):
+    def num_conversations(self):
+      return 8
+
+    def conversation(self, index):
+      return long_chat if index % 2 else short_chat
+
+    def _eval_mask(self):
+      return np.arange(8) >= 8
+
+  tok = CharTokenizer()
+  it = SFTMixtureIterator({"chats": Chats("chats")}, tok, batch_size=2, seed=0, overlong=default)
+  batch = it.next_batch({"chats": 1.0}, 64)
+  assert it.stats["dropped"] > 0 and it.stats["truncated"] == 0
+  assert batch["loss_weights"].sum() > 0
+  # Every trained assistant turn ends in its <|im_end|> (id 2): none was cut.
+  ends = batch["targets"][batch["loss_weights"] > 0]
+  assert (ends == 2).sum() == (np.diff(np.concatenate([[0], (batch["loss_weights"] > 0).ravel()])) == 1).sum()

@@ -6,8 +6,9 @@ import optax
 import pytest
 
 from nanbeige_jax.model import get_preset
+from nanbeige_jax.objectives import Objective
 from nanbeige_jax.sharding import make_mesh
-from nanbeige_jax.train.loop import Trainer
+from nanbeige_jax.train.step import Trainer
 
 CFG = get_preset("test", dtype="float32")
 
@@ -17,6 +18,14 @@ def dense_loss(model, batch, rope_theta):
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
   w = batch["loss_weights"]
   return -(logp * w).sum(), w.sum(), {"nll_sum": -(logp * w).sum()}
+
+
+def objective(loss):
+  """A one-term Objective from ``loss(model, batch, rope_theta) -> (sum, weight, sums)``."""
+  def fn(model, batch, rope_theta, frozen):
+    total, weight, sums = loss(model, batch, rope_theta)
+    return {"nll": (total, weight)}, sums
+  return Objective(fn, {"nll": 1.0})
 
 
 def make_batch(b=8, t=16, seed=0):
@@ -36,7 +45,7 @@ def run(mesh_kw, microbatches=1, steps=2):
   (Adam would amplify reduction-order noise in near-zero gradients into O(lr) parameter differences)."""
   mesh = make_mesh(**mesh_kw, devices=jax.devices()[: max(1, np.prod([v for v in mesh_kw.values() if v > 0]))])
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
-  tr = Trainer(CFG, tx, dense_loss, mesh=mesh, microbatches=microbatches)
+  tr = Trainer(CFG, tx, objective(dense_loss), mesh=mesh, microbatches=microbatches)
   state = tr.init_state(seed=0)
   p0 = jax.tree.map(np.asarray, state.params)
   losses, grads = [], None
@@ -83,7 +92,7 @@ def test_nonfinite_step_is_skipped_and_counted():
   def nan_loss(model, batch, rope_theta):
     l, w, s = dense_loss(model, batch, rope_theta)
     return l * jnp.where(batch["loss_weights"].sum() > 0, jnp.nan, 1.0), w, s
-  tr = Trainer(CFG, tx, nan_loss, mesh=mesh)
+  tr = Trainer(CFG, tx, objective(nan_loss), mesh=mesh)
   state = tr.init_state(seed=0)
   before = jax.tree.map(np.asarray, state.params)
   state, m = tr.train_step(state, make_batch(), lr=1e-2, rope_theta=CFG.rope_theta)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from nanbeige_jax.model import Decoder, ModelConfig
+from nanbeige_jax.checkpoint import CheckpointError, CheckpointManager, model_config_from_metadata, tokenizer_mismatch
+from nanbeige_jax.model import Decoder, ModelConfig, decoder_from_params
 
 
 def check_tokenizer_matches(model_cfg: ModelConfig, metadata: dict[str, Any], tokenizer: Any, where: str) -> None:
@@ -17,11 +18,9 @@ def check_tokenizer_matches(model_cfg: ModelConfig, metadata: dict[str, Any], to
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"{where}: tokenizer {getattr(tokenizer, 'source', '')!r} has {tokenizer.vocab_size} pieces "
                      f"but the checkpoint's model vocab_size is {model_cfg.vocab_size}")
-  stored = metadata.get("tokenizer_fingerprint")
-  if stored is not None and stored != tokenizer.fingerprint():
-    raise ValueError(f"{where}: checkpoint was trained with tokenizer fingerprint {stored}, but the given tokenizer "
-                     f"{getattr(tokenizer, 'source', '')!r} has fingerprint {tokenizer.fingerprint()} (vocabularies "
-                     "disagree)")
+  reason = tokenizer_mismatch(metadata, tokenizer)
+  if reason:
+    raise ValueError(f"{where}: checkpoint {reason} (vocabularies disagree)")
 
 
 def load_model(checkpoint_dir: str | os.PathLike, *, step: int | None = None, tokenizer: Any = None,
@@ -29,10 +28,7 @@ def load_model(checkpoint_dir: str | os.PathLike, *, step: int | None = None, to
   """(model, metadata, step) from a checkpoint directory (``step=None``: the latest). The model runs at the RoPE base
   the checkpoint was trained at (``checkpoint.model_config_from_metadata``). ``config_overrides`` change
   compile-time fields only (e.g. ``dtype="float32"``, ``scan_layers=False``)."""
-  from nanbeige_jax.checkpoint import CheckpointError, CheckpointManager, model_config_from_metadata
-  from nanbeige_jax.hf import decoder_from_params
-  manager = CheckpointManager(checkpoint_dir, max_to_keep=None, async_save=False, create=False)
-  try:
+  with CheckpointManager(checkpoint_dir, max_to_keep=None, async_save=False, create=False) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise ValueError(f"{checkpoint_dir}: no committed checkpoint step")
@@ -49,6 +45,4 @@ def load_model(checkpoint_dir: str | os.PathLike, *, step: int | None = None, to
     if tokenizer is not None:
       check_tokenizer_matches(cfg, metadata, tokenizer, where)
     restored = manager.restore(step, params_only=True)
-  finally:
-    manager.close()
   return decoder_from_params(cfg, restored.params), metadata, step

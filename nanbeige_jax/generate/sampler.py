@@ -73,7 +73,9 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int
 
 
 class Sampler:
-  """Generation engine for one model (its parameters are captured at construction).
+  """Generation engine for one model (its parameters are copied at construction; ``set_params`` swaps in new ones,
+  e.g. the policy's after each RL update, without recompiling: the parameters are an argument of the jitted
+  functions, never a constant).
 
   ``max_cache_length`` bounds prompt + generated tokens (default: the model's ``max_position_embeddings``);
   ``prompt_bucket`` rounds the padded prompt length up to limit recompilation; ``mesh``/``rules`` shard the
@@ -98,14 +100,32 @@ class Sampler:
       raise ValueError(f"Sampler.vocab_limit={vocab_limit} must lie in (0, {self.cfg.vocab_size}]")
     self.vocab_limit = vocab_limit
     self.mesh, self.rules = mesh, tuple(rules)
-    self.graphdef, state = nnx.split(model)
+    self.graphdef, self.state = nnx.split(model)
+    self._param_shardings = None
     if mesh is not None:
       axes = logical_axes_tree(nnx.state(model, nnx.Param))
-      shardings = tree_shardings(axes, mesh, self.rules)
-      params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), shardings)
-      nnx.replace_by_pure_dict(state, params)
-    self.state = state
+      self._param_shardings = tree_shardings(axes, mesh, self.rules)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    self._param_struct = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), params)
+    self._copy = jax.jit(lambda tree: jax.tree.map(lambda x: x * jnp.ones((), x.dtype), tree),
+                         out_shardings=self._param_shardings)
     self._compiled: dict[tuple, tuple] = {}
+    self.set_params(params)
+
+  def set_params(self, params) -> None:
+    """Use ``params`` (a pure nested dict like ``TrainState.params``, same shapes and dtypes as the model's) from
+    now on. They are copied (into the sampler's shardings when it has a mesh), so the caller may donate or delete
+    its own arrays afterwards (the train step donates its state). Nothing is recompiled."""
+    struct = jax.tree.map(lambda x: (tuple(np.shape(x)), jnp.dtype(x.dtype)), params)
+    if jax.tree.structure(struct) != jax.tree.structure(self._param_struct) or struct != self._param_struct:
+      diffs = [f"{jax.tree_util.keystr(k)}: {a} vs {b}" for (k, a), b in
+               zip(jax.tree_util.tree_leaves_with_path(struct), jax.tree.leaves(self._param_struct))
+               if a != b] if jax.tree.structure(struct) == jax.tree.structure(self._param_struct) else [
+               "a different parameter tree"]
+      raise ValueError(f"Sampler.set_params: parameters do not match the sampler's model ({'; '.join(diffs[:3])})")
+    state = jax.tree.map(lambda x: x, self.state)
+    nnx.replace_by_pure_dict(state, self._copy(params))
+    self.state = state
 
   # --- sharding helpers --------------------------------------------------------------------------------------
   def _batch_multiple(self) -> int:

@@ -17,6 +17,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from nanbeige_jax.config import strict_replace
+from nanbeige_jax.losses import logprobs_from_logits
+
 MAX_STOP_TOKENS = 16  # stop ids are a traced, fixed-size array: changing them does not recompile
 
 
@@ -61,7 +64,7 @@ class SamplingConfig:
     return self.top_k > 0 or self.top_p < 1
 
   def replace(self, **changes) -> "SamplingConfig":
-    return dataclasses.replace(self, **changes)
+    return strict_replace(self, **changes)
 
   def check_vocab(self, vocab_size: int) -> None:
     bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
@@ -114,8 +117,7 @@ def choose_tokens(row_keys: jax.Array, logits: jax.Array, temperature: jax.Array
 def policy_logprobs(logits: jax.Array, targets: jax.Array, temperature: float) -> jax.Array:
   """Teacher-forced counterpart of the sampler's log-probs: logits (..., V), targets (...) -> (...) fp32."""
   t = 1.0 if temperature == 0 else temperature
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
-  return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return logprobs_from_logits(logits.astype(jnp.float32) / t, targets)
 
 
 def resolve_stop_tokens(stop_tokens: Sequence[int | str], special_ids: dict[str, int] | None) -> tuple[int, ...]:

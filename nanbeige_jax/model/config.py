@@ -11,6 +11,8 @@ import hashlib
 import json
 from typing import Any
 
+from nanbeige_jax.config import strict_replace
+
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_out", "save_out")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -76,11 +78,7 @@ class ModelConfig:
     return self.num_heads // self.num_kv_heads
 
   def replace(self, **changes: Any) -> "ModelConfig":
-    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-    if unknown:
-      raise ValueError(f"ModelConfig has no field(s) {unknown}; known fields: "
-                       f"{[f.name for f in dataclasses.fields(self)]}")
-    return dataclasses.replace(self, **changes)
+    return strict_replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -147,3 +147,24 @@ def abstract_model(cfg: ModelConfig) -> Decoder:
 def count_params(cfg: ModelConfig) -> int:
   state = nnx.state(abstract_model(cfg), nnx.Param)
   return sum(int(x.size) for x in jax.tree.leaves(nnx.to_pure_dict(state)))
+
+
+def decoder_from_params(cfg: ModelConfig, params: Any) -> Decoder:
+  """A Decoder of ``cfg`` holding ``params`` (a pure nested dict of numpy or jax arrays, e.g. a checkpoint's or an
+  HF import's), cast to ``cfg.param_dtype``, built without a random initialisation. ValueError naming the leaves
+  when the tree or a shape does not match ``cfg``."""
+  graphdef, state = nnx.split(abstract_model(cfg))
+  param_state = nnx.state(nnx.merge(graphdef, state), nnx.Param)
+  expected = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+              jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(param_state))}
+  found = {jax.tree_util.keystr(k): tuple(jnp.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+  if missing or extra:
+    raise ValueError(f"params do not match the model config: missing leaves {missing}, unexpected leaves {extra}")
+  bad = [f"{k}: expected {expected[k]}, found {found[k]}" for k in expected if expected[k] != found[k]]
+  if bad:
+    raise ValueError(f"params do not match the model config: {'; '.join(bad[:4])}")
+  dtype = jnp.dtype(cfg.param_dtype)
+  nnx.replace_by_pure_dict(param_state, jax.tree.map(lambda a: jnp.asarray(a, dtype), params))
+  return nnx.merge(graphdef, param_state)
+

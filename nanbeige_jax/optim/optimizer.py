@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nanbeige_jax.config import path_str, strict_replace
+
 
 @gin.configurable(module="nanbeige_jax.optim")
 @dataclasses.dataclass(frozen=True)
@@ -63,23 +65,12 @@ class OptimizerConfig:
         raise ValueError(f"OptimizerConfig.{name}: expected a bool, found {getattr(self, name)!r}")
 
   def replace(self, **changes: Any) -> "OptimizerConfig":
-    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-    if unknown:
-      raise ValueError(f"OptimizerConfig has no field(s) {unknown}; known fields: "
-                       f"{[f.name for f in dataclasses.fields(self)]}")
-    return dataclasses.replace(self, **changes)
-
-
-def _key_name(entry: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
+    return strict_replace(self, **changes)
 
 
 def param_path_names(params: Any) -> Any:
   """Same tree as ``params`` with each leaf replaced by its '/'-joined path, e.g. 'layers/attn/q_proj'."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: "/".join(_key_name(p) for p in path), params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: path_str(path), params)
 
 
 def decay_mask_fn(cfg: OptimizerConfig):

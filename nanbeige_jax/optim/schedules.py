@@ -33,6 +33,8 @@ import gin
 import jax.numpy as jnp
 import numpy as np
 
+from nanbeige_jax.config import strict_replace
+
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt", "exponential")
 PHASE_KEYS = ("name", "tokens", "mixture", "seq_len", "rope_theta")
 SPLIT_BASE_BITS = 24
@@ -132,7 +134,7 @@ class Phase:
     return {k: v / total for k, v in sorted(self.mixture.items()) if v > 0}
 
   def replace(self, **changes: Any) -> "Phase":
-    return dataclasses.replace(self, **changes)
+    return strict_replace(self, **changes)
 
 
 def _same_mixture(a: Phase, b: Phase) -> bool:

@@ -1,195 +1,247 @@
-"""The one training core every trainer uses (pretrain, SFT, DPD, RL).
+"""The outer training loop every trainer uses: stop signals, stepping, logging, the eval and checkpoint cadence and
+the non-finite policy. Nothing here knows a particular stage; the jitted step is ``nanbeige_jax.train.step``, the
+checkpoint layer ``nanbeige_jax.train.checkpointing``, the set-up sequence ``nanbeige_jax.train.stage``.
 
-A ``Trainer`` owns the sharded, jitted train and eval steps for a model and an optax optimizer. Trainers differ
-only in their ``loss_fn(model, batch, rope_theta) -> (loss_sum, weight_sum, sums)``: ``loss_sum`` is summed (not
-averaged) over the micro-batch's weighted tokens and ``weight_sum`` is its token count, so the step divides the
-summed loss and gradients by the *global* token count of the whole batch. That keeps the update identical under
-any split into micro-batches (gradient accumulation) or devices (data parallelism). ``sums`` are extra per-batch
-sums (e.g. per-source losses) added up across micro-batches.
+``StopSignal()``: context manager; SIGTERM/SIGINT set ``.requested`` (the signal name) instead of killing the
+process: the loop finishes its step, checkpoints and returns (or returns before the first step when the signal came
+during set-up). A second signal kills the process at once. ``preemption_point(step)`` is the multi-host equivalent.
 
-The step is ``jax.jit`` with explicit ``in_shardings``/``out_shardings`` (``NamedSharding``s from the logical-axis
-rules: the modern spelling of pjit) and donates the old state. Non-finite steps are skipped and counted.
+``StepInputs(batch, lr, rope_theta, tokens, seq_len, fields={}, boundary=False, frozen=None)``: one step's host batch,
+LR and RoPE base, tokens processed (throughput), sequence length (MFU), extra metric fields, whether a checkpoint must
+follow (a phase boundary) and the frozen models' parameters ``{role: params}`` when the objective reads any.
+
+``train_loop(trainer, state, *, start_step, settings, next_inputs, checkpointer, writer, progress, evaluate=None,
+log_fields=None, flops_per_token=None, peak_flops=None, stop=None) -> LoopResult``: runs steps ``start_step ..
+total_steps - 1``. ``next_inputs(step, state) -> StepInputs`` sees the current state (a rollout stage samples with the
+current parameters; copy them, the step donates the state). Every ``log_every`` steps (and the first and last) a
+metric row: ``loss`` (the objective's logged term, e.g. the LM cross-entropy without z-loss), ``objective`` (the
+minimised total), ``objective/<term>`` for every term (e.g. ``objective/ce``, ``objective/z``), ``lr``,
+``grad_norm``, ``tokens_per_sec``, ``steps_per_sec``, ``skipped_steps``, ``[mfu]``, the inputs' fields and
+``log_fields(step, host_metrics, inputs)``. ``evaluate(step, state)`` every ``eval_every`` steps and at the end;
+checkpoints every ``checkpoint_every`` steps, after boundary steps, at the end and on a stop signal.
+``max_consecutive_nonfinite`` skipped steps in a row stop the run.
+``run_loop(cfg, trainer, state, *, workdir, ...)``: ``train_loop`` with a config's cadence, metrics to the workdir.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+import signal
+import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.experimental import multihost_utils
 
-from nanbeige_jax.model import Decoder, ModelConfig, abstract_model
-from nanbeige_jax.optim.optimizer import set_learning_rate
-from nanbeige_jax.sharding import (DEFAULT_RULES, Rules, logical_axes_tree, logical_to_spec, tree_shardings,
-                                   use_mesh_rules, with_logical_constraint)
+from nanbeige_jax.metrics import MetricsWriter, Progress, device_peak_flops, measure_cpu_peak_flops
 from nanbeige_jax.train.state import TrainState
 
-LossFn = Callable[[Decoder, dict[str, jax.Array], jax.Array], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+log = logging.getLogger("nanbeige_jax.loop")
+
+METRICS_FILE = "metrics.jsonl"  # what MetricsWriter writes in the workdir
 
 
-class Trainer:
-  def __init__(self, model_cfg: ModelConfig, tx: optax.GradientTransformation, loss_fn: LossFn, *,
-               mesh: Mesh, rules: Rules = DEFAULT_RULES, microbatches: int = 1, donate: bool = True):
-    self.cfg, self.tx, self.loss_fn = model_cfg, tx, loss_fn
-    self.mesh, self.rules, self.microbatches = mesh, tuple(rules), microbatches
-    abstract = abstract_model(model_cfg)
-    self.graphdef = nnx.graphdef(abstract)
-    state = nnx.state(abstract, nnx.Param)
-    self.param_axes = logical_axes_tree(state)
-    shapes = nnx.to_pure_dict(state)
-    self.param_shardings = tree_shardings(self.param_axes, mesh, self.rules, shapes)
-    self.abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                        shapes, self.param_shardings)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    self.replicated = replicated
-    abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
-    self.opt_shardings = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, self.param_shardings,
-                                               transform_non_params=lambda _: replicated)
-    self.state_shardings = TrainState(step=replicated, params=self.param_shardings, opt_state=self.opt_shardings,
-                                      skipped_steps=replicated, bad_streak=replicated)
-    self.abstract_opt_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_opt, self.opt_shardings)
-    self._donate = donate
-    self._train_steps: dict[Any, Any] = {}
-    self._eval_step = None
+class TrainingStopped(RuntimeError):
+  """The run stopped on purpose with a clear reason (e.g. too many consecutive non-finite steps)."""
 
-  # --- state ------------------------------------------------------------------------------------------------
-  def batch_sharding(self, ndim: int = 2) -> NamedSharding:
-    axes = ("batch", "length", *([None] * max(ndim - 2, 0)))[:ndim]
-    return NamedSharding(self.mesh, logical_to_spec(axes, self.rules, self.mesh))
 
-  def init_state(self, seed: int) -> TrainState:
-    """Fresh params (initialised directly into their shardings) and optimizer state."""
-    cfg, tx = self.cfg, self.tx
+# --- signals ---------------------------------------------------------------------------------------------------
+class StopSignal:
+  """SIGTERM/SIGINT -> finish the current step, checkpoint, exit cleanly (``.requested`` holds the signal name).
 
-    def init():
-      model = Decoder(cfg, rngs=nnx.Rngs(seed))
-      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                        skipped_steps=jnp.zeros((), jnp.int32), bad_streak=jnp.zeros((), jnp.int32))
-    return jax.jit(init, out_shardings=self.state_shardings)()
+  A second signal ends the process at once (the signal's default action), e.g. when an operator does not want to
+  wait for the checkpoint. Enter it before set-up so that a signal during set-up or compilation is honoured too.
+  """
 
-  def state_from(self, step: int, params: Any, opt_state: Any | None, skipped: int = 0) -> TrainState:
-    """Assemble a state from restored pieces (a fresh optimizer state when ``opt_state`` is None)."""
-    params = jax.device_put(params, self.param_shardings)
-    if opt_state is None:
-      opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
-    put = lambda x: jax.device_put(np.asarray(x, np.int32), self.replicated)
-    return TrainState(step=put(step), params=params, opt_state=jax.device_put(opt_state, self.opt_shardings),
-                      skipped_steps=put(skipped), bad_streak=put(0))
+  def __init__(self):
+    self.requested: str | None = None
+    self._old: dict[int, Any] = {}
 
-  def model(self, params: Any) -> Decoder:
-    return nnx.merge(self.graphdef, params)
+  def __enter__(self) -> "StopSignal":
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: signals stay with their owner
+        pass
+    return self
 
-  # --- steps --------------------------------------------------------------------------------------------------
-  def _grads(self, params, batch, rope_theta):
-    """Summed loss, token count, summed extras and summed gradients over micro-batches."""
-    def micro_loss(p, mb):
-      loss_sum, weight_sum, sums = self.loss_fn(self.model(p), mb, rope_theta)
-      return loss_sum, (weight_sum, sums)
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.requested is not None:
+      self._restore()
+      signal.raise_signal(signum)
+      return
+    self.requested = signal.Signals(signum).name
+    log.warning("%s received: finishing the current step, then checkpointing and exiting", self.requested)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    m = self.microbatches
-    if m == 1:
-      (loss_sum, (weight_sum, sums)), grads = grad_fn(params, batch)
-      return loss_sum, weight_sum, sums, grads
+  def _restore(self) -> None:
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+    self._old = {}
 
-    def split(x):
-      b = x.shape[0]
-      if b % m:
-        raise ValueError(f"global batch {b} is not divisible by microbatches={m}")
-      # Strided split keeps every device's rows local: micro-batch j holds rows j, j+m, ...
-      x = x.reshape((b // m, m) + x.shape[1:]).swapaxes(0, 1)
-      return x
-    micro = jax.tree.map(split, batch)
+  def __exit__(self, *exc) -> bool:
+    self._restore()
+    return False
 
-    def body(carry, mb):
-      mb = jax.tree.map(lambda x: with_logical_constraint(x, ("batch", "length")[:x.ndim] + (None,) * (x.ndim - 2)),
-                        mb)
-      (l, (w, s)), g = grad_fn(params, mb)
-      acc = jax.tree.map(jnp.add, carry, (l, w, s, g))
-      return acc, None
 
-    (l0, (w0, s0)), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
-    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (l0, w0, s0, g0))
-    (loss_sum, weight_sum, sums, grads), _ = jax.lax.scan(body, zeros, micro)
-    return loss_sum, weight_sum, sums, grads
+def preemption_point(step: int) -> bool:
+  if jax.process_count() == 1:
+    return False
+  try:
+    return bool(multihost_utils.reached_preemption_sync_point(step))
+  except Exception:  # the preemption service is only set up by jax.distributed on some platforms
+    return False
 
-  def _train_step(self, state: TrainState, batch, lr, rope_theta):
-    with use_mesh_rules(self.mesh, self.rules):
-      loss_sum, weight_sum, sums, grads = self._grads(state.params, batch, rope_theta)
-    denom = jnp.maximum(weight_sum, 1.0)
-    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
-    loss = loss_sum / denom
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def apply(_):
-      opt_state = set_learning_rate(state.opt_state, lr)
-      updates, opt_state = self.tx.update(grads, opt_state, state.params)
-      return optax.apply_updates(state.params, updates), opt_state
+# --- the loop --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class StepInputs:
+  batch: dict[str, np.ndarray]
+  lr: float
+  rope_theta: float
+  tokens: int                       # tokens this step processes (throughput)
+  seq_len: int                      # for MFU
+  fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+  boundary: bool = False            # checkpoint after this step (e.g. the end of a phase)
+  frozen: dict[str, Any] | None = None  # {role: params} of the frozen models the objective reads
 
-    def skip(_):
-      return state.params, state.opt_state
 
-    params, opt_state = jax.lax.cond(finite, apply, skip, None)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
-                              bad_streak=jnp.where(finite, 0, state.bad_streak + 1))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": weight_sum, "finite": finite, "sums": sums}
-    return new_state, metrics
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  total_steps: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+  max_consecutive_nonfinite: int = 5
 
-  def train_step(self, state: TrainState, batch: dict[str, Any], lr: float, rope_theta: float):
-    """One optimizer update on a global batch (dict of (B, T, ...) arrays)."""
-    key = tuple(sorted((k, v.shape) for k, v in batch.items()))
-    fn = self._train_steps.get(key)
-    if fn is None:
-      batch_sh = {k: self.batch_sharding(np.ndim(v)) for k, v in batch.items()}
-      fn = jax.jit(self._train_step,
-                   in_shardings=(self.state_shardings, batch_sh, self.replicated, self.replicated),
-                   out_shardings=(self.state_shardings, self.replicated),
-                   donate_argnums=(0,) if self._donate else ())
-      self._train_steps[key] = fn
-    batch = self.put_batch(batch)
-    return fn(state, batch, jnp.float32(lr), jnp.float32(rope_theta))
+  def __post_init__(self):
+    for name in ("total_steps", "log_every", "eval_every", "checkpoint_every"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"LoopSettings.{name}: expected a positive int, found {value!r}")
+    if not isinstance(self.max_consecutive_nonfinite, int) or self.max_consecutive_nonfinite < 0:
+      raise ValueError(f"LoopSettings.max_consecutive_nonfinite: expected an int >= 0, found "
+                       f"{self.max_consecutive_nonfinite!r}")
 
-  def lower_train_step(self, batch_shapes: dict[str, jax.ShapeDtypeStruct]):
-    """Lower the train step from abstract shapes only (AOT compilation, memory analysis)."""
-    batch_sh = {k: self.batch_sharding(len(v.shape)) for k, v in batch_shapes.items()}
-    fn = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sh, self.replicated, self.replicated),
-                 out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
-    abstract_state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated), params=self.abstract_params,
-        opt_state=self.abstract_opt_state, skipped_steps=jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
-        bad_streak=jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated))
-    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=self.replicated)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch_shapes.items()}
-    return fn.lower(abstract_state, batch, scalar, scalar)
 
-  def _eval_fn(self, params, batch, rope_theta):
-    with use_mesh_rules(self.mesh, self.rules):
-      loss_sum, weight_sum, sums = self.loss_fn(self.model(params), batch, rope_theta)
-    return {"loss_sum": loss_sum, "weight_sum": weight_sum, "sums": sums}
+@dataclasses.dataclass
+class LoopResult:
+  state: TrainState
+  step: int
+  stop_reason: str | None
+  first_loss: float | None
+  last_loss: float | None
+  last_eval: dict[str, Any] | None
 
-  def eval_step(self, params, batch: dict[str, Any], rope_theta: float):
-    if self._eval_step is None:
-      self._eval_step = jax.jit(self._eval_fn)
-    return self._eval_step(params, self.put_batch(batch), jnp.float32(rope_theta))
 
-  def put_batch(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
-    """Host batch -> global sharded arrays. Each process passes its own rows (``process_count`` slices)."""
-    out = {}
-    for k, v in batch.items():
-      if isinstance(v, jax.Array) and not v.is_fully_addressable:  # already a global array
-        out[k] = v
-        continue
-      sharding = self.batch_sharding(np.ndim(v))
-      if jax.process_count() == 1:
-        out[k] = jax.device_put(np.asarray(v), sharding)
-      else:
-        out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v))
-    return out
+def peak_flops_total() -> float | None:
+  peak = device_peak_flops()
+  if peak is None and jax.devices()[0].platform == "cpu":
+    peak = measure_cpu_peak_flops()
+  return peak * jax.device_count() if peak else None
 
+
+def train_loop(trainer: Any, state: TrainState, *, start_step: int, settings: LoopSettings,
+               next_inputs: Callable[[int, TrainState], StepInputs], checkpointer: Checkpointer, writer: MetricsWriter,
+               progress: Progress, evaluate: Callable[[int, TrainState], dict[str, Any]] | None = None,
+               log_fields: Callable[[int, dict[str, Any], StepInputs], dict[str, Any]] | None = None,
+               flops_per_token: Callable[[int], float] | None = None, peak_flops: float | None = None,
+               stop: StopSignal | None = None) -> LoopResult:
+  if stop is None:
+    with StopSignal() as own_stop:
+      return train_loop(trainer, state, start_step=start_step, settings=settings, next_inputs=next_inputs,
+                        checkpointer=checkpointer, writer=writer, progress=progress, evaluate=evaluate,
+                        log_fields=log_fields, flops_per_token=flops_per_token, peak_flops=peak_flops,
+                        stop=own_stop)
+  total = settings.total_steps
+  limit = settings.max_consecutive_nonfinite
+  first_loss = last_loss = None
+  last_eval = None
+  prev_metrics = None
+  bad_streak = int(state.bad_streak)  # restored with the checkpoint: a resumed run counts like an uninterrupted one
+  stop_reason = None
+  t_last, tokens_since, step_last = time.perf_counter(), 0, start_step
+
+  def nonfinite_check(metrics: Any, step_of_metrics: int) -> str | None:
+    nonlocal bad_streak
+    bad_streak = 0 if bool(metrics["finite"]) else bad_streak + 1
+    if limit and bad_streak >= limit:
+      return (f"{bad_streak} consecutive non-finite steps (limit {limit}) ending at step {step_of_metrics}; their "
+              f"updates were skipped and the last good checkpoint "
+              f"({checkpointer.step_path(checkpointer.last_saved)}) is intact")
+    return None
+
+  step = start_step
+  while step < total:
+    if stop.requested:  # arrived during set-up or compilation: nothing trained since the last checkpoint
+      stop_reason = f"preempted ({stop.requested}) at step {step}"
+      break
+    inputs = next_inputs(step, state)
+    state, metrics = trainer.train_step(state, inputs.batch, inputs.lr, inputs.rope_theta, inputs.frozen)
+    step += 1
+    tokens_since += inputs.tokens
+    # Non-finite policy, read one step behind so the host never stalls the device pipeline.
+    if prev_metrics is not None:
+      stop_reason = nonfinite_check(prev_metrics, step - 1)
+      if stop_reason:
+        break
+    prev_metrics = metrics
+    if step % settings.log_every == 0 or step == total or step == start_step + 1:
+      host = jax.device_get(metrics)
+      now = time.perf_counter()
+      dt = max(now - t_last, 1e-9)
+      tok_s = tokens_since / dt
+      loss = float(host["loss"])
+      if first_loss is None and start_step == 0:
+        first_loss = loss
+      last_loss = loss
+      row = {"loss": loss, "objective": float(host["objective"]),
+             **{f"objective/{t}": float(v) for t, v in host["terms"].items()}, "lr": inputs.lr,
+             "grad_norm": float(host["grad_norm"]), "loss_tokens": float(host["tokens"]), "tokens_per_sec": tok_s,
+             "steps_per_sec": (step - step_last) / dt, "seq_len": inputs.seq_len, "rope_theta": inputs.rope_theta,
+             "skipped_steps": int(state.skipped_steps), **inputs.fields}
+      if peak_flops and flops_per_token is not None:
+        row["mfu"] = tok_s * flops_per_token(inputs.seq_len) / peak_flops
+      if log_fields is not None:
+        row.update(log_fields(step, host, inputs))
+      writer.write(step, row)
+      mfu = f" | MFU {row['mfu']:.1%}" if "mfu" in row else ""
+      phase = f" | {inputs.fields['phase']}" if "phase" in inputs.fields else ""
+      seen = f" | {inputs.fields['tokens_seen'] / 1e6:.2f}M tok" if "tokens_seen" in inputs.fields else ""
+      progress.update(step, f"loss {loss:.3f} | lr {inputs.lr:.2e}{phase}{seen} | {tok_s:,.0f} tok/s{mfu}")
+      t_last, tokens_since, step_last = now, 0, step
+    if evaluate is not None and (step % settings.eval_every == 0 or step == total):
+      last_eval = evaluate(step, state)
+      writer.write(step, last_eval)
+    if step % settings.checkpoint_every == 0 or inputs.boundary or step == total:
+      checkpointer.save(step, state)
+    if stop.requested or preemption_point(step):
+      stop_reason = f"preempted ({stop.requested or 'preemption sync point'}) at step {step}"
+      checkpointer.save(step, state)
+      break
+  else:
+    if prev_metrics is not None:  # the last step's finiteness (the loop reads one step behind)
+      stop_reason = nonfinite_check(prev_metrics, step)
+  progress.close()
+  return LoopResult(state=state, step=step, stop_reason=stop_reason, first_loss=first_loss, last_loss=last_loss,
+                    last_eval=last_eval)
+
+
+def run_loop(cfg: Any, trainer: Any, state: TrainState, *, workdir: str | os.PathLike, start_step: int,
+             total_steps: int, next_inputs: Callable[[int, TrainState], StepInputs], checkpointer: Checkpointer,
+             stop: StopSignal | None = None, evaluate: Callable[[int, TrainState], dict[str, Any]] | None = None,
+             log_fields: Callable[[int, dict[str, Any], StepInputs], dict[str, Any]] | None = None) -> LoopResult:
+  """``train_loop`` with the settings of a trainer config (``log_every_steps``, ``eval_every_steps``,
+  ``checkpoint_every_steps``, ``max_consecutive_nonfinite``), metrics to ``<workdir>`` and a progress bar."""
+  settings = LoopSettings(total_steps=total_steps, log_every=cfg.log_every_steps, eval_every=cfg.eval_every_steps,
+                          checkpoint_every=cfg.checkpoint_every_steps,
+                          max_consecutive_nonfinite=cfg.max_consecutive_nonfinite)
+  writer = MetricsWriter(workdir)
+  try:
+    return train_loop(trainer, state, start_step=start_step, settings=settings, next_inputs=next_inputs,
+                      checkpointer=checkpointer, writer=writer, progress=Progress(total_steps, start_step),
+                      evaluate=evaluate, log_fields=log_fields, flops_per_token=trainer.cfg.flops_per_token,
+                      peak_flops=peak_flops_total(), stop=stop)
+  finally:
+    writer.close()

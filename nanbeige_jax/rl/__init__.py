@@ -1,0 +1,1 @@
+"""Reinforcement-learning building blocks on the stage template: the rollout buffer (more to come with GRPO)."""
