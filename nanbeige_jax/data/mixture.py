@@ -47,7 +47,7 @@ class _TokenCache:
   def get(self, doc_index: int) -> np.ndarray:
     sequence = self._sequences.get(doc_index)
     if sequence is None:
-      sequence = packing.document_sequence(self.tokenizer.encode(self.source.document(doc_index)),
+      sequence = packing.document_sequence(self.tokenizer.encode_text(self.source.document(doc_index)),
                                            self.tokenizer.bos_id, self.tokenizer.eos_id)
       self._sequences[doc_index] = sequence
       self.tokens += len(sequence)

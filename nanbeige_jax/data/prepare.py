@@ -123,7 +123,7 @@ def _tokenize_shard(task: tuple[int, list[int], str]) -> tuple[int, str, np.ndar
   try:
     for start in range(0, len(doc_indices), 256):
       chunk = doc_indices[start:start + 256]
-      for offset, ids in enumerate(tokenizer.encode_batch([source.document(i) for i in chunk])):
+      for offset, ids in enumerate(tokenizer.encode_text_batch([source.document(i) for i in chunk])):
         sequence = packing.document_sequence(ids, tokenizer.bos_id, tokenizer.eos_id)
         writer.write(sequence.astype(RECORD_DTYPE, copy=False).tobytes())
         lengths[start + offset] = len(sequence)
