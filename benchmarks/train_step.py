@@ -117,7 +117,7 @@ def make_jax_step(cfg, sharding, batch_np, warmup: int = 3) -> JaxStep:
       jnp.float32(cfg.rope_theta), trainer.replicated)
 
   def run() -> float:
-    holder["state"], metrics = compiled(holder["state"], batch, lr, theta)
+    holder["state"], metrics = compiled(holder["state"], batch, lr, theta, {})  # no frozen models
     jax.block_until_ready((holder["state"], metrics))
     return float(metrics["loss"])
 
