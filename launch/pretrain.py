@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from nanbeige_jax import distributed  # noqa: E402
-from nanbeige_jax.config import build, define_gin_flags, define_run_flags, parse_gin  # noqa: E402
+from nanbeige_jax.config import build, define_gin_flags, define_run_flags, parse_gin, run_flag_bindings  # noqa: E402
 
 define_gin_flags(["pretrain/tiny.gin"], "PretrainConfig.global_batch_size=32")
 define_run_flags("runs/pretrain_tiny", "Run directory: checkpoints, metrics, tokenizer, plot.")
@@ -27,8 +27,7 @@ def main(argv):
   from nanbeige_jax.train.pretrain import PretrainConfig, run_pretrain
   from nanbeige_jax.train.stage import run_for_launcher
   bindings = list(FLAGS.gin_param)
-  if FLAGS.max_steps is not None:
-    bindings.append(f"PretrainConfig.max_steps = {FLAGS.max_steps}")
+  bindings += run_flag_bindings("PretrainConfig")
 
   def run():
     parse_gin(FLAGS.gin_file, bindings)

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from nanbeige_jax import distributed  # noqa: E402
-from nanbeige_jax.config import build, define_gin_flags, define_run_flags, parse_gin  # noqa: E402
+from nanbeige_jax.config import build, define_gin_flags, define_run_flags, parse_gin, run_flag_bindings  # noqa: E402
 
 define_gin_flags(["sft/tiny_arithmetic.gin"], "SFTConfig.global_batch_size=32")
 define_run_flags("runs/sft_tiny", "Run directory: checkpoints, metrics, tokenizer copy.")
@@ -44,8 +44,7 @@ def main(argv):
     bindings.append(f"SFTConfig.init_step = {FLAGS.init_step}")
   if FLAGS.tokenizer is not None:
     bindings.append(f"SFTConfig.tokenizer_path = {FLAGS.tokenizer!r}")
-  if FLAGS.max_steps is not None:
-    bindings.append(f"SFTConfig.max_steps = {FLAGS.max_steps}")
+  bindings += run_flag_bindings("SFTConfig")
 
   def run():
     parse_gin(FLAGS.gin_file, bindings)

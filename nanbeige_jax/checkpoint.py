@@ -50,11 +50,12 @@ from nanbeige_jax.checkpoint_trees import (_check_tree_matches, _flat, _host_res
                                            _prepare_for_save, _restore_args, _with_dtype, opt_state_target)
 from nanbeige_jax.checkpoint_metadata import (FORMAT_VERSION, build_metadata, check_json as _check_json,
                                               check_model_config, model_config_from_metadata,
-                                              tokenizer_mismatch)
+                                              tokenizer_mismatch, with_operative_rope)
 
 __all__ = ["CheckpointError", "CorruptCheckpointError", "CheckpointReadError", "is_transient", "CheckpointManager",
            "Restored",
-           "build_metadata", "check_model_config", "model_config_from_metadata", "tokenizer_mismatch", "opt_state_target",
+           "build_metadata", "check_model_config", "model_config_from_metadata", "tokenizer_mismatch",
+           "with_operative_rope", "opt_state_target",
            "save_params_checkpoint", "load_params_checkpoint", "FORMAT_VERSION"]
 
 log = logging.getLogger("nanbeige_jax.checkpoint")

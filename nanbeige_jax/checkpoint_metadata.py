@@ -62,6 +62,19 @@ def build_metadata(model_cfg, *, stage: str, tokenizer_fingerprint: str | None =
   return metadata
 
 
+def with_operative_rope(metadata: dict, *, rope_theta: float, phase: str | None) -> dict:
+  """A copy of ``metadata`` (``build_metadata`` output) recording that the parameters were trained at ``rope_theta``
+  in schedule phase ``phase``: ``model_config``, ``model_fingerprint``, ``rope_theta`` and ``phase`` updated."""
+  from nanbeige_jax.model import ModelConfig
+  if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not rope_theta > 1:
+    raise ValueError(f"with_operative_rope: rope_theta must be a number > 1, found {rope_theta!r}")
+  cfg = ModelConfig.from_dict(metadata["model_config"]).replace(rope_theta=float(rope_theta))
+  out = dict(metadata)
+  out.update(model_config=cfg.to_dict(), model_fingerprint=cfg.fingerprint(), rope_theta=float(rope_theta),
+             phase=phase)
+  return out
+
+
 def model_config_from_metadata(metadata: dict, where: str = "checkpoint"):
   """The ``ModelConfig`` a checkpoint was trained as, with the operative RoPE base (``metadata["rope_theta"]``
   when recorded, else the stored ``model_config``'s). Raises ``CheckpointError`` naming ``where`` when the

@@ -137,6 +137,20 @@ def define_run_flags(default_workdir: str, workdir_help: str, flag_values: Any =
   flags.DEFINE_string("workdir", default_workdir, workdir_help, **kw)
   flags.DEFINE_bool("fresh", False, "Start over even if the workdir holds checkpoints (they are moved aside).", **kw)
   flags.DEFINE_integer("max_steps", None, "Stop after this many steps in total (smoke runs).", **kw)
+  flags.DEFINE_bool("allow_resume_changes", False, "Resume even though the global batch, sequence length or "
+                    "schedule differ from the checkpoint's; the run continues at the checkpoint's token count.", **kw)
+
+
+def run_flag_bindings(config_name: str, flag_values: Any = None) -> list[str]:
+  """Gin bindings for the run flags a user set (``--max_steps``, ``--allow_resume_changes``) on ``config_name``."""
+  from absl import flags
+  values = flags.FLAGS if flag_values is None else flag_values
+  bindings = []
+  if values.max_steps is not None:
+    bindings.append(f"{config_name}.max_steps = {values.max_steps}")
+  if values.allow_resume_changes:
+    bindings.append(f"{config_name}.allow_resume_changes = True")
+  return bindings
 
 
 def strict_replace(obj: Any, **changes: Any) -> Any:

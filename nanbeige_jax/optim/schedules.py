@@ -392,12 +392,19 @@ class FGWSDSchedule:
 
   # ----------------------------------------------------------------------------------------------- steps
   def plan(self, tokens_per_step: int | Callable[[Phase], int], *, seq_len: int | None = None,
-           rope_theta: float | None = None) -> list[PhasePlan]:
+           rope_theta: float | None = None, start_step: int = 0, start_tokens: int = 0) -> list[PhasePlan]:
     """Map the token schedule onto optimizer steps. ``tokens_per_step`` is an int or a function of the resolved
     Phase (e.g. ``lambda p: global_batch * p.seq_len``). Each phase runs whole steps until the tokens seen reach its
     end (the overshoot, < 1 step, carries into the next phase; a phase shorter than that overshoot gets 0 steps).
-    So the phase of step k is always ``phase_at(tokens seen before step k)``."""
-    entries, step, seen, end = [], 0, 0, 0
+    So the phase of step k is always ``phase_at(tokens seen before step k)``.
+
+    ``start_step``/``start_tokens``: the plan of a run that resumes at optimizer step ``start_step`` having seen
+    ``start_tokens`` tokens (e.g. after a deliberate change of batch or sequence length): the remaining steps are
+    planned from the token position, so the LR, phase and mixture follow the tokens seen, not the step count; the
+    phases already consumed get 0 steps."""
+    start_step = _whole_tokens(start_step, "FGWSDSchedule.plan(start_step)", allow_zero=True)
+    start_tokens = _whole_tokens(start_tokens, "FGWSDSchedule.plan(start_tokens)", allow_zero=True)
+    entries, step, seen, end = [], start_step, start_tokens, 0
     for index, phase in enumerate(self.resolved_phases(seq_len, rope_theta)):
       tps = tokens_per_step(phase) if callable(tokens_per_step) else tokens_per_step
       if isinstance(tps, bool) or not isinstance(tps, (int, np.integer)) or tps <= 0:
@@ -473,10 +480,11 @@ def wsd_schedule(warmup_tokens: int, stable_tokens: int, decay_tokens: int, peak
 
 
 def plan_steps(schedule: FGWSDSchedule, global_batch: int, seq_len: int | None = None,
-               rope_theta: float | None = None) -> list[PhasePlan]:
+               rope_theta: float | None = None, *, start_step: int = 0, start_tokens: int = 0) -> list[PhasePlan]:
   """Steps per phase for a global batch of ``global_batch`` sequences whose length follows each phase's seq_len
   (``seq_len`` is the default for phases that inherit none). Validates the FG-WSD step rule on the way; the trainer's
-  total number of steps is ``plan[-1].end_step``."""
+  total number of steps is ``plan[-1].end_step``. ``start_step``/``start_tokens``: the remaining plan of a resumed
+  run (``FGWSDSchedule.plan``), after the whole schedule was validated for this batch."""
   if isinstance(global_batch, bool) or not isinstance(global_batch, (int, np.integer)) or global_batch <= 0:
     raise ValueError(f"plan_steps: global_batch must be a positive int, found {global_batch!r}")
 
@@ -484,7 +492,11 @@ def plan_steps(schedule: FGWSDSchedule, global_batch: int, seq_len: int | None =
     if phase.seq_len is None:
       raise ValueError(f"plan_steps: phase {phase.name!r} has no seq_len; set it in the schedule or pass seq_len=")
     return int(global_batch) * phase.seq_len
-  return schedule.validate(tokens_per_step, seq_len=seq_len, rope_theta=rope_theta)
+  plan = schedule.validate(tokens_per_step, seq_len=seq_len, rope_theta=rope_theta)
+  if start_step or start_tokens:
+    plan = schedule.plan(tokens_per_step, seq_len=seq_len, rope_theta=rope_theta, start_step=start_step,
+                         start_tokens=start_tokens)
+  return plan
 
 
 def total_steps(schedule: FGWSDSchedule, global_batch: int, seq_len: int | None = None) -> int:

@@ -9,7 +9,7 @@ stage hand-off (``init_params`` from a checkpoint of this project or a Hugging F
 ``check_checkpoint_metadata(workdir, step, meta, *, stage, model_cfg, tokenizer, accept_unstaged=False,
 stage_description=None)``: ``resume.ResumeError`` when a checkpoint is not this run's.
 ``read_checkpoint_metadata(ckpt_dir, step=None) -> (metadata, step)``: read-only;
-``model_config_from_metadata(metadata, where, overrides=None)``: the recorded model config.
+``model_config_from_metadata(metadata, where, overrides=None)``: the model config it was trained as.
 ``init_params(trainer, *, checkpoint_dir=None, step=None, hf_dir=None, role=None) -> (params, metadata)``: the
 policy's initial parameters or (``role``) a frozen model's.
 ``Checkpointer(directory, *, metadata, data_state_fn, keep=3, async_save=True, check_metadata=None)``:
@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nanbeige_jax import checkpoint as ckpt_lib
@@ -91,19 +92,22 @@ def read_checkpoint_metadata(ckpt_dir: str | os.PathLike, step: int | None = Non
 
 
 def model_config_from_metadata(metadata: dict, where: str, overrides: dict | None = None) -> ModelConfig:
-  """The ``ModelConfig`` a checkpoint recorded, with compile-time ``overrides`` (dtype, remat, ...) applied."""
-  if "model_config" not in metadata:
-    raise RunError(f"{where}: checkpoint metadata has no model_config")
-  cfg = ModelConfig.from_dict(metadata["model_config"])
+  """The ``ModelConfig`` a checkpoint was trained as, at its operative RoPE base
+  (``checkpoint.model_config_from_metadata``), with compile-time ``overrides`` (dtype, remat, ...) applied."""
+  try:
+    cfg = ckpt_lib.model_config_from_metadata(metadata, where)
+  except ckpt_lib.CheckpointError as e:
+    raise RunError(str(e)) from None
   return cfg.replace(**overrides) if overrides else cfg
 
 
 def check_checkpoint_metadata(workdir: str | os.PathLike, step: int, meta: dict, *, stage: str,
                               model_cfg: Any, tokenizer: Any | None, accept_unstaged: bool = False,
-                              stage_description: str | None = None) -> None:
+                              stage_description: str | None = None, rope_theta: float | None = None) -> None:
   """Raise ``resume.ResumeError`` when checkpoint ``step`` of ``workdir`` is not this run's: another stage, model
   architecture or tokenizer. ``accept_unstaged``: a checkpoint without a ``stage`` entry counts as this stage;
-  ``stage_description`` names the stage in the message (default: ``repr(stage)``)."""
+  ``stage_description`` names the stage in the message (default: ``repr(stage)``); ``rope_theta``: the RoPE base
+  the checkpoint must have been trained at (default: ``model_cfg``'s)."""
   found = meta.get("stage")
   if found != stage and not (accept_unstaged and found is None):
     raise resume.ResumeError(f"{workdir}: checkpoint step {step} is a {found!r} checkpoint, not a "
@@ -111,7 +115,7 @@ def check_checkpoint_metadata(workdir: str | os.PathLike, step: int, meta: dict,
                              f"{stage!r}); refusing to resume into it: use another --workdir or pass --fresh")
   try:
     if model_cfg is not None:
-      ckpt_lib.check_model_config(meta, model_cfg)
+      ckpt_lib.check_model_config(meta, model_cfg, rope_theta=rope_theta)
   except ckpt_lib.CheckpointError as e:
     raise resume.ResumeError(f"{workdir} holds a checkpoint (step {step}) of a different model ({e}); refusing to "
                              f"resume into it: use another --workdir or pass --fresh to start over") from None
@@ -162,21 +166,36 @@ def init_params(trainer: Any, *, checkpoint_dir: str | os.PathLike | None = None
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------
+@jax.jit
+def _all_finite(params: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 class Checkpointer:
   """One run's checkpoints: full state + metadata + the data state, resumable exactly, with fallback and verified
-  keep-last-N (``nanbeige_jax.train.resume``)."""
+  keep-last-N (``nanbeige_jax.train.resume``).
 
-  def __init__(self, directory: str | os.PathLike, *, metadata: dict, data_state_fn: Callable[[], dict],
-               keep: int = 3, async_save: bool = True,
-               check_metadata: Callable[[int, dict], None] | None = None):
+  ``metadata``: a dict, or ``metadata(step) -> dict`` (the stage records the RoPE base and phase the parameters were
+  trained at, and the tokens seen, per save). ``targets``: ``(params, opt_state)`` abstract targets with the training
+  shardings; keep-last-N then reads each new step's arrays back once and checks their checksums before counting it
+  good (``resume.prune_checkpoints``). A state whose parameters are not all finite is never saved: the previous
+  checkpoints stay the good ones."""
+
+  def __init__(self, directory: str | os.PathLike, *, metadata: dict | Callable[[int], dict],
+               data_state_fn: Callable[[], dict], keep: int = 3, async_save: bool = True,
+               check_metadata: Callable[[int, dict], None] | None = None, targets: tuple[Any, Any] | None = None):
     self.directory = pathlib.Path(directory)
     self.metadata = metadata
     self.data_state_fn = data_state_fn
     self.keep = keep
     self.check_metadata = check_metadata
     self._async_save = async_save
+    self._targets = targets
+    self._verified: set[int] = set()
     self.manager = self._open()
     self.last_saved: int | None = self.manager.latest_step()
+    self.skipped_nonfinite: list[int] = []
 
   def _open(self) -> ckpt_lib.CheckpointManager:
     # max_to_keep=None: keep-last-N is done here (resume.prune_checkpoints) so the newest good step is never deleted.
@@ -204,7 +223,13 @@ class Checkpointer:
     state = state.replace(bad_streak=jax.device_put(np.int32(data_state.get("nonfinite_streak", 0)),
                                                     trainer.replicated))
     self.last_saved = int(restored.step)
+    self._verified.add(int(restored.step))  # its arrays were just read and checked against their checksums
     return state, int(restored.step), data_state
+
+  def _prune(self) -> None:
+    params_target, opt_target = self._targets if self._targets is not None else (None, None)
+    resume.prune_checkpoints(self.manager, self.keep, params_target=params_target, opt_state_target=opt_target,
+                             verified=self._verified)
 
   def save(self, step: int, state: TrainState) -> bool:
     if self.last_saved == step:
@@ -212,18 +237,25 @@ class Checkpointer:
     # The previous (async) save must be committed before it can be verified and older steps pruned; orbax's own
     # save would wait for it here anyway.
     self.manager.wait_until_finished()
-    resume.prune_checkpoints(self.manager, self.keep)
+    self._prune()
+    if not bool(_all_finite(state.params)):
+      self.skipped_nonfinite.append(step)
+      log.error("not saving step %d: its parameters are not all finite (a corrupt restore or a divergence the "
+                "non-finite skip did not catch); the last good checkpoint %s is kept", step,
+                self.step_path(self.last_saved))
+      return False
     data_state = dict(self.data_state_fn())
     data_state["skipped_steps"] = int(state.skipped_steps)
     data_state["nonfinite_streak"] = int(state.bad_streak)
-    self.manager.save(step, params=state.params, opt_state=state.opt_state, metadata=self.metadata,
+    metadata = self.metadata(step) if callable(self.metadata) else self.metadata
+    self.manager.save(step, params=state.params, opt_state=state.opt_state, metadata=metadata,
                       data_state=data_state)
     self.last_saved = step
     return True
 
   def close(self) -> None:
     self.manager.wait_until_finished()
-    resume.prune_checkpoints(self.manager, self.keep)
+    self._prune()
     self.manager.close()
 
 

@@ -163,13 +163,22 @@ def train_loop(trainer: Any, state: TrainState, *, start_step: int, settings: Lo
   stop_reason = None
   t_last, tokens_since, step_last = time.perf_counter(), 0, start_step
 
+  finite_since_start = False  # a finite step since this process started (or restored)
+
   def nonfinite_check(metrics: Any, step_of_metrics: int) -> str | None:
-    nonlocal bad_streak
-    bad_streak = 0 if bool(metrics["finite"]) else bad_streak + 1
+    nonlocal bad_streak, finite_since_start
+    finite = bool(metrics["finite"])
+    finite_since_start = finite_since_start or finite
+    bad_streak = 0 if finite else bad_streak + 1
     if limit and bad_streak >= limit:
-      return (f"{bad_streak} consecutive non-finite steps (limit {limit}) ending at step {step_of_metrics}; their "
-              f"updates were skipped and the last good checkpoint "
-              f"({checkpointer.step_path(checkpointer.last_saved)}) is intact")
+      reason = (f"{bad_streak} consecutive non-finite steps (limit {limit}) ending at step {step_of_metrics}; their "
+                f"updates were skipped and the last good checkpoint "
+                f"({checkpointer.step_path(checkpointer.last_saved)}) is intact")
+      if start_step > 0 and not finite_since_start:
+        reason += (f"; every step since the restore of {checkpointer.step_path(start_step)} was non-finite, so that "
+                   f"checkpoint is likely corrupt (parameters or optimizer state): move it aside (e.g. into "
+                   f"checkpoints.corrupt/) and rerun to resume from the previous one")
+      return reason
     return None
 
   step = start_step

@@ -114,7 +114,6 @@ class PretrainStage(stage.Stage):
                         vocab_chunk=run.cfg.vocab_chunk)
 
   def build_data(self, run: stage.StageRun):
-    run.extra["tokens_after"] = 0  # tokens seen after the last step whose batch was drawn (checkpointed)
     return make_data_iterator(run.cfg, run.extra["sources"], run.tokenizer, run.extra["names"])
 
   def metadata(self, run: stage.StageRun) -> dict:
@@ -125,17 +124,12 @@ class PretrainStage(stage.Stage):
                                           "global_batch_size": cfg.global_batch_size, "seed": cfg.seed,
                                           "sources": cfg.sources})
 
-  def data_state(self, run: stage.StageRun) -> dict:
-    return {"iterator": run.data.get_state(), "tokens_seen": int(run.extra["tokens_after"])}
-
   def next_inputs(self, run: stage.StageRun, step: int, state: Any) -> StepInputs:
     entry = stage.phase_for_step(run.plan, step)
     batch = run.data.next_batch(entry.phase.normalized_mixture(), entry.seq_len)
     if step + 1 in run.cfg.fault_nonfinite_steps:  # fault injection (PretrainConfig.fault_nonfinite_steps)
       batch["loss_weights"] = np.full_like(batch["loss_weights"], np.nan)
-    inputs = run.schedule_inputs(step, batch, tokens=entry.tokens_per_step)
-    run.extra["tokens_after"] = inputs.fields["tokens_seen"]
-    return inputs
+    return run.schedule_inputs(step, batch, tokens=entry.tokens_per_step)
 
   def log_fields(self, run: stage.StageRun, step: int, host: dict[str, Any], inputs: StepInputs) -> dict[str, Any]:
     return per_source_losses(host["sums"], run.extra["names"], prefix="loss/")

@@ -43,7 +43,8 @@ from nanbeige_jax.train.loop import StepInputs
 
 log = logging.getLogger("nanbeige_jax.sft")
 
-COMPILE_TIME_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention_impl", "max_position_embeddings")
+COMPILE_TIME_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention_impl", "max_position_embeddings",
+                       "max_xla_attention_bytes")
 CHAT_SPECIALS = (chat_template.IM_START, chat_template.IM_END, chat_template.THINK_START, chat_template.THINK_END)
 
 
@@ -188,7 +189,8 @@ class SFTStage(stage.Stage):
                                fields={"fill": float(real.mean())})
 
   def log_fields(self, run: stage.StageRun, step: int, host: dict[str, Any], inputs: StepInputs) -> dict[str, Any]:
-    row = {"dropped_conversations": run.data.stats["dropped"], "truncated_conversations": run.data.stats["truncated"]}
+    row = {"dropped_conversations": run.data.stats["dropped"], "truncated_conversations": run.data.stats["truncated"],
+           "special_text_conversations": run.data.stats.get("special_text", 0)}
     row.update(per_source_losses(host["sums"], run.extra["names"], prefix="loss/"))
     return row
 

@@ -28,7 +28,8 @@ import jax
 import numpy as np
 
 from nanbeige_jax import checkpoint as ckpt_lib
-from nanbeige_jax.config import ConfigError, check_keys
+from nanbeige_jax.config import ConfigError, as_dict, check_keys
+from nanbeige_jax.model.attention import check_attention_memory
 from nanbeige_jax.optim.optimizer import OptimizerConfig, make_optimizer
 from nanbeige_jax.optim.schedules import FGWSDSchedule, plan_steps
 from nanbeige_jax.sharding import DEFAULT_RULES, format_sharding_report, make_mesh
@@ -68,6 +69,9 @@ class RunConfig:
   max_consecutive_nonfinite: int = 5        # stop after this many non-finite steps in a row (0 = never)
   sources: dict = dataclasses.field(default_factory=dict)  # name -> {kind: ...}: the schedule's mixtures name these
   plot: bool = False                        # write <workdir>/run.png at the end
+  # A resume whose global batch, sequence length or schedule differ from the checkpoint's is refused unless this is
+  # set; then the run continues at the checkpoint's token count (LR, phase and mixture follow the tokens seen).
+  allow_resume_changes: bool = False
 
 
 def validate_run_config(cfg: Any, *, extra_positive: tuple[str, ...] = (), sources_hint: str = "...") -> None:
@@ -98,6 +102,8 @@ def validate_run_config(cfg: Any, *, extra_positive: tuple[str, ...] = (), sourc
   for name, spec in cfg.sources.items():
     if not isinstance(spec, dict) or "kind" not in spec:
       raise ValueError(f"{label}.sources[{name!r}]: expected a dict with a 'kind' key, found {spec!r}")
+  if not isinstance(cfg.allow_resume_changes, bool):
+    raise ValueError(f"{label}.allow_resume_changes: expected a bool, found {cfg.allow_resume_changes!r}")
   check_keys(f"{label}.mesh", cfg.mesh, MESH_KEYS)
   used = set()
   for phase in cfg.schedule.phases:
@@ -114,16 +120,72 @@ def print_sharding_report(trainer: Any) -> None:
     print(format_sharding_report(trainer), file=sys.stderr, flush=True)
 
 
-def plan_run(schedule: Any, cfg: Any, model_cfg: Any) -> tuple[list[Any], int]:
+def plan_run(schedule: Any, cfg: Any, model_cfg: Any, *, start_step: int = 0, start_tokens: int = 0
+             ) -> tuple[list[Any], int]:
   """``(the schedule's step plan, total steps)`` for a trainer config (``global_batch_size``, ``seq_len``,
-  ``max_steps``); ConfigError when a phase's sequence length exceeds the model's positions."""
-  plan = plan_steps(schedule, cfg.global_batch_size, seq_len=cfg.seq_len, rope_theta=model_cfg.rope_theta)
+  ``max_steps``); ConfigError when a phase's sequence length exceeds the model's positions. ``start_step``/
+  ``start_tokens``: the plan of a run resuming at that step and token count (``optim.schedules.plan_steps``)."""
+  plan = plan_steps(schedule, cfg.global_batch_size, seq_len=cfg.seq_len, rope_theta=model_cfg.rope_theta,
+                    start_step=start_step, start_tokens=start_tokens)
   for entry in plan:
     if entry.seq_len > model_cfg.max_position_embeddings:
       raise ConfigError(f"phase {entry.phase.name!r}: seq_len {entry.seq_len} exceeds the model's "
                         f"max_position_embeddings {model_cfg.max_position_embeddings}")
   total_steps = plan[-1].end_step
   return plan, total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
+
+
+RESUME_FIELDS = ("global_batch_size", "seq_len", "schedule")
+
+
+def resume_record(cfg: Any) -> dict[str, Any]:
+  """What a resume must agree with (stored in every checkpoint's metadata as ``run``): the global batch, the default
+  sequence length and the whole schedule (its phases carry their own lengths and RoPE bases)."""
+  return {"global_batch_size": cfg.global_batch_size, "seq_len": cfg.seq_len, "schedule": as_dict(cfg.schedule)}
+
+
+_MISSING = "<absent>"
+
+
+def _first_difference(saved: Any, now: Any, path: str) -> tuple[str, Any, Any] | None:
+  """``(key path, saved value, current value)`` of the first difference between two JSON trees, or None."""
+  if isinstance(saved, dict) and isinstance(now, dict):
+    for key in list(saved) + [k for k in now if k not in saved]:
+      diff = _first_difference(saved.get(key, _MISSING), now.get(key, _MISSING), f"{path}.{key}")
+      if diff:
+        return diff
+    return None
+  if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+    for i, (a, b) in enumerate(zip(saved, now)):
+      diff = _first_difference(a, b, f"{path}[{i}]")
+      if diff:
+        return diff
+    return None
+  return None if saved == now else (path, saved, now)
+
+
+def check_resume_changes(cfg: Any, step: int, meta: dict, where: str) -> list[str]:
+  """The resume-record fields (``resume_record``) in which ``cfg`` differs from checkpoint ``meta`` (empty when the
+  checkpoint predates the record). Without ``cfg.allow_resume_changes`` a difference is a one-line ConfigError
+  naming the first differing field, checkpoint vs now."""
+  saved = meta.get("run")
+  if not isinstance(saved, dict):
+    return []
+  label = type(cfg).__name__
+  now = json.loads(json.dumps(resume_record(cfg)))  # tuples as lists, as stored
+  changed = []
+  for name in RESUME_FIELDS:
+    diff = _first_difference(saved.get(name, _MISSING), now[name], f"{label}.{name}")
+    if diff is None:
+      continue
+    changed.append(name)
+    if not cfg.allow_resume_changes:
+      path, was, is_now = diff
+      raise ConfigError(f"{where}: checkpoint step {step} was trained with {path}={was!r}, this run has "
+                        f"{is_now!r}; a changed batch, sequence length or schedule would silently shift the LR and "
+                        f"the data mixture. Set {label}.allow_resume_changes=True (--allow_resume_changes) to "
+                        f"continue at the checkpoint's {meta.get('tokens_seen', '?')} tokens, or use another --workdir")
+  return changed
 
 
 def run_summary(result: LoopResult, checkpointer: Checkpointer, *, start_step: int, total_steps: int,
@@ -143,7 +205,10 @@ def raise_if_stopped(result: LoopResult) -> None:
 
 
 def phase_for_step(plan: list[Any], step: int) -> Any:
-  """The schedule phase (``PhasePlan``) that step ``step`` (0-based) belongs to; the last one past the end."""
+  """The schedule phase (``PhasePlan``) that step ``step`` (0-based) belongs to; the last one past the end (the first
+  one before the start of a resumed plan)."""
+  if step < plan[0].start_step:
+    return plan[0]
   for entry in plan:
     if entry.start_step <= step < entry.end_step:
       return entry
@@ -204,6 +269,7 @@ class StageRun:
   trainer: Trainer | None = None
   frozen: dict[str, Any] = dataclasses.field(default_factory=dict)  # {role: params}, placed (spec.frozen_params)
   data: Any = None
+  tokens_after: int = 0                     # tokens seen after the last step whose batch was drawn (checkpointed)
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # the spec's own set-up state
 
   @property
@@ -213,19 +279,32 @@ class StageRun:
   def schedule_inputs(self, step: int, batch: dict[str, np.ndarray], *, tokens: int,
                       fields: dict[str, Any] | None = None, frozen: dict[str, Any] | None = None) -> StepInputs:
     """``StepInputs`` of an FG-WSD stage: LR and RoPE base of the step's phase, phase/mixture/tokens-seen fields,
-    a checkpoint at the phase end."""
+    a checkpoint at the phase end. The LR is the schedule's at the end of the step's tokens (``step_lr``: the first
+    step does not run at LR 0); the tokens seen after the step are what the next checkpoint records."""
     entry = phase_for_step(self.plan, step)
     tokens_seen = tokens_before_step(self.plan, step)
+    self.tokens_after = tokens_seen + entry.tokens_per_step
     weights = entry.phase.normalized_mixture()
     row = {"phase": entry.phase.name, "phase_index": entry.index, "tokens_seen": tokens_seen + entry.tokens_per_step,
            **(fields or {})}
     row.update({f"mixture/{n}": weights.get(n, 0.0) for n in sorted(self.cfg.sources)})
-    return StepInputs(batch=batch, lr=self.cfg.schedule.lr_host(tokens_seen), rope_theta=self.rope_theta(step),
+    return StepInputs(batch=batch, lr=self.cfg.schedule.step_lr(tokens_seen, entry.tokens_per_step),
+                      rope_theta=self.rope_theta(step),
                       tokens=tokens, seq_len=entry.seq_len, fields=row, boundary=step + 1 == entry.end_step,
                       frozen=frozen)
 
   def rope_theta(self, step: int) -> float:
     return phase_for_step(self.plan, step).phase.rope_theta or self.model_cfg.rope_theta
+
+  def checkpoint_metadata(self, spec: "Stage", step: int) -> dict:
+    """The metadata of a checkpoint saved after ``step`` steps: the spec's, at the RoPE base and phase the
+    parameters were trained at (its last step's), with the tokens seen and the resume record (``resume_record``)."""
+    last = max(step - 1, 0)
+    meta = ckpt_lib.with_operative_rope(spec.metadata(self), rope_theta=self.rope_theta(last),
+                                        phase=phase_for_step(self.plan, last).phase.name)
+    meta["tokens_seen"] = int(self.tokens_after)
+    meta["run"] = json.loads(json.dumps(resume_record(self.cfg)))
+    return meta
 
 
 class Stage:
@@ -287,7 +366,45 @@ class Stage:
   def check_metadata(self, run: StageRun, step: int, meta: dict) -> None:
     check_checkpoint_metadata(run.workdir, step, meta, stage=self.stage_name(run), model_cfg=run.model_cfg,
                               tokenizer=run.tokenizer, accept_unstaged=self.accept_unstaged,
-                              stage_description=self.stage_description)
+                              stage_description=self.stage_description,
+                              rope_theta=expected_rope_theta(run, step, meta))
+
+
+def expected_rope_theta(run: StageRun, step: int, meta: dict) -> float | None:
+  """The RoPE base checkpoint ``step`` must have been trained at under this run's schedule: that of the phase of its
+  last step (found by the tokens it records). None (the model config's base) for checkpoints that predate the record
+  or before the plan exists; the checkpoint's own base when ``allow_resume_changes`` says the schedule may differ."""
+  if run.plan is None or step <= 0 or "rope_theta" not in meta:
+    return None
+  if run.cfg.allow_resume_changes:
+    return float(meta["rope_theta"])
+  tokens = meta.get("tokens_seen")
+  if isinstance(tokens, int) and tokens > 0:
+    for entry in run.plan:
+      if entry.num_steps and 0 <= tokens - 1 - entry.start_tokens < entry.num_steps * entry.tokens_per_step:
+        return entry.phase.rope_theta or run.model_cfg.rope_theta
+  return run.rope_theta(step - 1)
+
+
+def resume_at_tokens(run: StageRun, start_step: int, data_state: dict) -> None:
+  """After a restore: the run continues at the tokens the checkpoint recorded. When they are not where this run's
+  plan puts step ``start_step`` (a batch or sequence length changed on purpose: ``allow_resume_changes``), the rest
+  of the schedule is planned from that token count, so the LR, phase and mixture follow the tokens seen."""
+  tokens = data_state.get("tokens_seen")
+  if not isinstance(tokens, int):
+    run.tokens_after = tokens_before_step(run.plan, start_step)
+    return
+  run.tokens_after = tokens
+  if tokens == tokens_before_step(run.plan, start_step):
+    return
+  if not run.cfg.allow_resume_changes:  # check_resume_changes passed, so the plan itself cannot explain it
+    raise ConfigError(f"{run.workdir}: checkpoint step {start_step} recorded {tokens} tokens seen but this run's "
+                      f"plan has {tokens_before_step(run.plan, start_step)} before that step; set "
+                      f"{type(run.cfg).__name__}.allow_resume_changes=True to continue at the recorded tokens")
+  run.plan, run.total_steps = plan_run(run.cfg.schedule, run.cfg, run.model_cfg, start_step=start_step,
+                                       start_tokens=tokens)
+  log.warning("resuming at step %d with %d tokens seen: the remaining schedule is re-planned from the tokens "
+              "(allow_resume_changes)", start_step, tokens)
 
 
 def read_resume_metadata(run: StageRun, spec: Stage) -> tuple[int, dict] | None:
@@ -330,6 +447,7 @@ def _run_stage(run: StageRun, spec: Stage, operative_config: str | None, shardin
     raise ConfigError(str(e)) from None
   run.plan, run.total_steps = plan_run(cfg.schedule, cfg, run.model_cfg)
   if run.resume is not None:
+    check_resume_changes(cfg, *run.resume, where=str(run.workdir))
     spec.check_metadata(run, *run.resume)
   try:
     run.mesh = make_mesh(**cfg.mesh)
@@ -340,6 +458,11 @@ def _run_stage(run: StageRun, spec: Stage, operative_config: str | None, shardin
                       what=f"{label}.global_batch_size")
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  try:
+    for seq_len in sorted({entry.seq_len for entry in run.plan if entry.num_steps}):
+      check_attention_memory(run.model_cfg, cfg.global_batch_size // cfg.microbatches, seq_len)
+  except ValueError as e:
+    raise ConfigError(f"{label}: {e}") from None
 
   # From here on the workdir is written.
   if run.fresh:
@@ -355,14 +478,17 @@ def _run_stage(run: StageRun, spec: Stage, operative_config: str | None, shardin
     print_sharding_report(run.trainer)
   run.frozen = run.trainer.put_frozen(spec.frozen_params(run))
   run.data = spec.build_data(run)
-  checkpointer = Checkpointer(run.ckpt_dir, metadata=spec.metadata(run), keep=cfg.keep_checkpoints,
-                              async_save=cfg.async_checkpointing, data_state_fn=lambda: spec.data_state(run),
+  checkpointer = Checkpointer(run.ckpt_dir, metadata=lambda step: run.checkpoint_metadata(spec, step),
+                              keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing,
+                              data_state_fn=lambda: {**spec.data_state(run), "tokens_seen": int(run.tokens_after)},
+                              targets=(run.trainer.abstract_params, run.trainer.abstract_opt_state),
                               check_metadata=lambda step, meta: spec.check_metadata(run, step, meta))
   try:
     state, start_step, data_state = resume_or_init(run.trainer, checkpointer, run.workdir,
                                                    lambda: spec.init_state(run))
     if data_state is not None:
       spec.restore_data(run, data_state)
+      resume_at_tokens(run, start_step, data_state)
     evaluate = None
     if cfg.eval_batches and type(spec).evaluate is not Stage.evaluate:
       evaluate = lambda step, st: spec.evaluate(run, step, st)  # noqa: E731
