@@ -36,7 +36,7 @@ import numpy as np
 from nanbeige_jax.config import strict_replace
 
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt", "exponential")
-PHASE_KEYS = ("name", "tokens", "mixture", "seq_len", "rope_theta")
+PHASE_KEYS = ("name", "tokens", "mixture", "seq_len", "rope_theta", "global_batch_size")
 SPLIT_BASE_BITS = 24
 _SPLIT_BASE = 1 << SPLIT_BASE_BITS
 
@@ -85,9 +85,11 @@ class Phase:
   """One span of the data schedule.
 
   ``tokens`` is the length in tokens (a float such as 12.4e12 is accepted if it is a whole number). ``mixture`` maps
-  data-source names to non-negative weights (normalised by the data pipeline). ``seq_len`` / ``rope_theta`` of None
-  inherit the previous phase's value (the first phase inherits the run's defaults); setting them implements the
-  long-context ABF extension.
+  data-source names to non-negative weights (normalised by the data pipeline). ``seq_len`` / ``rope_theta`` /
+  ``global_batch_size`` of None inherit the previous phase's value (the first phase inherits the run's defaults);
+  setting the first two implements the long-context ABF extension, and ``global_batch_size`` (rows per optimizer
+  step, all processes) keeps the tokens per step sane when the rows get longer (e.g. 64 rows of 64K tokens after
+  1024 rows of 4K: 4M tokens a step in both).
   """
 
   name: str
@@ -95,6 +97,7 @@ class Phase:
   mixture: dict[str, float]
   seq_len: int | None = None
   rope_theta: float | None = None
+  global_batch_size: int | None = None
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -107,6 +110,11 @@ class Phase:
       raise ValueError(f"{where}.seq_len: expected a positive int or None, found {self.seq_len!r}")
     if self.seq_len is not None:
       object.__setattr__(self, "seq_len", int(self.seq_len))
+    rows = self.global_batch_size
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows <= 0):
+      raise ValueError(f"{where}.global_batch_size: expected a positive int (rows per step) or None, found {rows!r}")
+    if rows is not None:
+      object.__setattr__(self, "global_batch_size", int(rows))
     if self.rope_theta is not None:
       if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float, np.integer, np.floating)) \
           or not self.rope_theta > 1:
@@ -198,6 +206,11 @@ class PhasePlan:
   def end_step(self) -> int:
     return self.start_step + self.num_steps
 
+  @property
+  def rows(self) -> int:
+    """Rows (sequences) per optimizer step in this phase, all processes."""
+    return self.tokens_per_step // self.seq_len if self.seq_len else 0
+
 
 @gin.configurable(module="nanbeige_jax.optim")
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +285,8 @@ class FGWSDSchedule:
     if self.warmup_tokens > 0:
       timeline.append(Phase(name="warmup", tokens=self.warmup_tokens,
                             mixture=dict(self.warmup_mixture if self.warmup_mixture is not None else first.mixture),
-                            seq_len=first.seq_len, rope_theta=first.rope_theta))
+                            seq_len=first.seq_len, rope_theta=first.rope_theta,
+                            global_batch_size=first.global_batch_size))
     timeline.extend(self.stable_phases)
     if self.decay_phases:
       timeline.extend(self.decay_phases)
@@ -281,13 +295,17 @@ class FGWSDSchedule:
       timeline.append(Phase(name="decay", tokens=self.decay_tokens, mixture=dict(last.mixture)))
     return tuple(timeline)
 
-  def resolved_phases(self, seq_len: int | None = None, rope_theta: float | None = None) -> tuple[Phase, ...]:
-    """``phases`` with seq_len / rope_theta inheritance applied (defaults for the first phase: the arguments)."""
+  def resolved_phases(self, seq_len: int | None = None, rope_theta: float | None = None,
+                      global_batch_size: int | None = None) -> tuple[Phase, ...]:
+    """``phases`` with seq_len / rope_theta / global_batch_size inheritance applied (defaults for the first phase:
+    the arguments)."""
     resolved = []
+    rows = global_batch_size
     for phase in self.phases:
       seq_len = phase.seq_len if phase.seq_len is not None else seq_len
       rope_theta = phase.rope_theta if phase.rope_theta is not None else rope_theta
-      resolved.append(phase.replace(seq_len=seq_len, rope_theta=rope_theta))
+      rows = phase.global_batch_size if phase.global_batch_size is not None else rows
+      resolved.append(phase.replace(seq_len=seq_len, rope_theta=rope_theta, global_batch_size=rows))
     return tuple(resolved)
 
   def phase_starts(self) -> tuple[int, ...]:
@@ -392,7 +410,8 @@ class FGWSDSchedule:
 
   # ----------------------------------------------------------------------------------------------- steps
   def plan(self, tokens_per_step: int | Callable[[Phase], int], *, seq_len: int | None = None,
-           rope_theta: float | None = None, start_step: int = 0, start_tokens: int = 0) -> list[PhasePlan]:
+           rope_theta: float | None = None, start_step: int = 0, start_tokens: int = 0,
+           global_batch_size: int | None = None) -> list[PhasePlan]:
     """Map the token schedule onto optimizer steps. ``tokens_per_step`` is an int or a function of the resolved
     Phase (e.g. ``lambda p: global_batch * p.seq_len``). Each phase runs whole steps until the tokens seen reach its
     end (the overshoot, < 1 step, carries into the next phase; a phase shorter than that overshoot gets 0 steps).
@@ -405,7 +424,7 @@ class FGWSDSchedule:
     start_step = _whole_tokens(start_step, "FGWSDSchedule.plan(start_step)", allow_zero=True)
     start_tokens = _whole_tokens(start_tokens, "FGWSDSchedule.plan(start_tokens)", allow_zero=True)
     entries, step, seen, end = [], start_step, start_tokens, 0
-    for index, phase in enumerate(self.resolved_phases(seq_len, rope_theta)):
+    for index, phase in enumerate(self.resolved_phases(seq_len, rope_theta, global_batch_size)):
       tps = tokens_per_step(phase) if callable(tokens_per_step) else tokens_per_step
       if isinstance(tps, bool) or not isinstance(tps, (int, np.integer)) or tps <= 0:
         raise ValueError(f"tokens per step for phase {phase.name!r}: expected a positive int, found {tps!r}")
@@ -419,12 +438,12 @@ class FGWSDSchedule:
     return entries
 
   def validate(self, tokens_per_step: int | Callable[[Phase], int], *, seq_len: int | None = None,
-               rope_theta: float | None = None) -> list[PhasePlan]:
+               rope_theta: float | None = None, global_batch_size: int | None = None) -> list[PhasePlan]:
     """Check that no data switch (mixture, seq_len, rope_theta) takes effect on the step where the warmup ends or the
     decay starts, given the tokens per step; returns the step plan. A token event at position b takes effect on the
     first step that starts with >= b tokens seen; the decay start also owns the first step with > b tokens seen (the
     first step whose LR is below peak)."""
-    plan = self.plan(tokens_per_step, seq_len=seq_len, rope_theta=rope_theta)
+    plan = self.plan(tokens_per_step, seq_len=seq_len, rope_theta=rope_theta, global_batch_size=global_batch_size)
     by_name = {entry.phase.name: entry for entry in plan}
     lr_steps: dict[int, str] = {}
     if self.warmup_tokens > 0:
@@ -491,11 +510,12 @@ def plan_steps(schedule: FGWSDSchedule, global_batch: int, seq_len: int | None =
   def tokens_per_step(phase: Phase) -> int:
     if phase.seq_len is None:
       raise ValueError(f"plan_steps: phase {phase.name!r} has no seq_len; set it in the schedule or pass seq_len=")
-    return int(global_batch) * phase.seq_len
-  plan = schedule.validate(tokens_per_step, seq_len=seq_len, rope_theta=rope_theta)
+    return phase.global_batch_size * phase.seq_len
+  plan = schedule.validate(tokens_per_step, seq_len=seq_len, rope_theta=rope_theta,
+                           global_batch_size=int(global_batch))
   if start_step or start_tokens:
     plan = schedule.plan(tokens_per_step, seq_len=seq_len, rope_theta=rope_theta, start_step=start_step,
-                         start_tokens=start_tokens)
+                         start_tokens=start_tokens, global_batch_size=int(global_batch))
   return plan
 
 
