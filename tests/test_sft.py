@@ -201,7 +201,7 @@ def test_init_from_hugging_face_dir(pretrained, tmp_path):
   at the first step's LR every weight is within one update (lr x (1 + weight decay x |w|)) of the imported one."""
   import shutil
 
-  from nanbeige_jax.hf import save_hf_dir
+  from nanbeige_jax.hf_export import save_hf_dir
   from nanbeige_jax.model import ModelConfig
   params, meta = load_params_checkpoint(pretrained / "checkpoints")
   cfg = ModelConfig.from_dict(meta["model_config"])
