@@ -46,19 +46,13 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   distributed.initialize_from_flags()
-  import gin
   from nanbeige_jax.train.pretrain import PretrainConfig, run_pretrain
-  from nanbeige_jax.train.stage import run_for_launcher
+  from nanbeige_jax.train.stage import launch_stage
   bindings = list(FLAGS.gin_param)
   bindings += run_flag_bindings("PretrainConfig")
   if FLAGS.dry_run:
     return dry_run(bindings)
-
-  def run():
-    parse_gin(FLAGS.gin_file, bindings)
-    return run_pretrain(build(PretrainConfig), FLAGS.workdir, fresh=FLAGS.fresh, operative_config=gin.config_str(),
-                        sharding_report=True)
-  run_for_launcher(run, FLAGS.workdir)
+  launch_stage(PretrainConfig, run_pretrain, FLAGS.gin_file, bindings, FLAGS.workdir, fresh=FLAGS.fresh)
 
 
 if __name__ == "__main__":

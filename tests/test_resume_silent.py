@@ -54,11 +54,7 @@ def rows(workdir: pathlib.Path) -> dict[int, dict]:
   return {r["step"]: r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
-def one_line_error(proc) -> str:
-  lines = [line for line in proc.stderr.splitlines() if line.strip()]
-  assert proc.returncode != 0
-  assert lines and lines[-1].startswith(("error: ", "stopped: ")), proc.stderr[-2000:]
-  return lines[-1]
+one_line_error = faults.one_line_error
 
 
 def test_operative_rope_base_and_phase_travel_with_every_checkpoint(assets, reference):

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from nanbeige_jax import checkpoint as ckpt_lib
-from nanbeige_jax.config import ConfigError
+from nanbeige_jax.config import ConfigError, build, parse_gin
 from nanbeige_jax.model.attention import check_attention_memory
 from nanbeige_jax.optim.optimizer import OptimizerConfig, make_optimizer
 from nanbeige_jax.sharding import DEFAULT_RULES, format_sharding_report, make_mesh
@@ -85,6 +85,19 @@ def run_for_launcher(run: Callable[[], dict[str, Any]], workdir: str | os.PathLi
     msg += f" [{summary['stopped']}]"
   print(msg + f"; workdir {workdir}")
   return summary
+
+
+def launch_stage(config_cls: type, run_fn: Callable[..., dict[str, Any]], gin_files: list[str],
+                 bindings: list[str], workdir: str, *, fresh: bool) -> dict[str, Any]:
+  """A training launcher's ``main`` after its flags became gin ``bindings``: parse the gin files, build and validate
+  ``config_cls``, ``run_fn(cfg, workdir, fresh=, operative_config=, sharding_report=True)``, exit as
+  ``run_for_launcher`` says."""
+  import gin  # the launchers' configuration language; imported here so the library does not need it at import
+
+  def run() -> dict[str, Any]:
+    parse_gin(gin_files, bindings)
+    return run_fn(build(config_cls), workdir, fresh=fresh, operative_config=gin.config_str(), sharding_report=True)
+  return run_for_launcher(run, workdir)
 
 
 def write_summary(workdir: str | os.PathLike, summary: dict[str, Any]) -> None:
