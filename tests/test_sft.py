@@ -290,7 +290,10 @@ def test_pretrain_then_sft_raises_heldout_accuracy(pretrained, tmp_path):
   # (one completion ended inside its <think> span); the bar was "at most 1 of 32" before the first optimizer step
   # stopped running at LR 0, which moved this 1M-parameter model's greedy outputs by one problem.
   assert tuned["finished_eos"] >= 0.9 and tuned["no_answer"] <= 0.1 * problems
-  assert tuned["no_answer"] < base["no_answer"] or tuned["finished_eos"] > base["finished_eos"]
+  # The pre-trained base already answers most chat prompts in the task's format (its corpus holds the arithmetic
+  # documents; measured 30/32 since the first step stopped running at LR 0), so SFT must keep, not necessarily
+  # raise, the format: what it adds is the held-out accuracy asserted above.
+  assert tuned["no_answer"] <= base["no_answer"] and tuned["finished_eos"] >= base["finished_eos"]
 
 
 def test_runner_stop_signal_and_nonfinite_policy(tmp_path):
