@@ -159,3 +159,23 @@ def test_one_run_dir_resolution(tmp_path):
     ev._resolve_paths(ev.EvalConfig(workdir=str(tmp_path / "run" / "checkpoints")))  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="tokenizer .*run/tokenizer.model' does not exist"):
     LocalChatModel(str(tmp_path / "run"))
+
+
+def test_data_root_joins_relative_local_paths_only(tmp_path):
+  """``PretrainConfig.data_root`` prefixes relative local source paths; a URI source path is used as given (the old
+  ``os.path.join(data_root, 'memory://...')`` made it a local path under data_root)."""
+  import types
+  from nanbeige_jax.train.pretrain_data import build_sources
+  rows = "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(30))
+  (tmp_path / "local.jsonl").write_text(rows)
+  try:
+    paths.write_text(f"{ROOT}/data/remote.jsonl", rows)
+    cfg = types.SimpleNamespace(data_root=str(tmp_path), skip_bad_lines=False, sources={
+        "local": {"kind": "jsonl", "paths": "local.jsonl"},
+        "remote": {"kind": "jsonl", "paths": [f"{ROOT}/data/remote.jsonl"]}})
+    sources = build_sources(cfg)
+    assert sources["local"].split_documents("train") + sources["local"].split_documents("eval")
+    assert sorted(sources["remote"].split_documents("train") + sources["remote"].split_documents("eval")) == sorted(
+        sources["local"].split_documents("train") + sources["local"].split_documents("eval"))
+  finally:
+    paths.rmtree(f"{ROOT}/data")
