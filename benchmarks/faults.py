@@ -182,6 +182,14 @@ def same_records(a: dict[int, tuple[float, float]], b: dict[int, tuple[float, fl
   return all(same(a[s][0], b[s][0]) and same(a[s][1], b[s][1]) for s in a)
 
 
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+  """The launcher's last stderr line of a failed run: one ``error: ...`` or ``stopped: ...`` line."""
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode != 0
+  assert lines and lines[-1].startswith(("error: ", "stopped: ")), proc.stderr[-2000:]
+  return lines[-1]
+
+
 def latest_checkpoint(workdir: pathlib.Path) -> int | None:
   steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
   return max(steps) if steps else None

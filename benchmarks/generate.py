@@ -6,7 +6,7 @@ All three run greedy decoding of the same weights on the same batch of prompts f
 (b) no-cache baseline: one jitted ``lax.fori_loop`` that re-runs the full forward pass over the whole
     (prompt + new tokens) buffer for every new token (same model code, no cache);
 (c) ``transformers`` ``LlamaForCausalLM.generate`` on CPU torch with ``use_cache=True``, the weights exported
-    with ``nanbeige_jax.hf.save_hf_dir``.
+    with ``nanbeige_jax.hf_export.save_hf_dir``.
 
 Timings exclude compilation (one warm-up run each) and take the best of ``--repeats``. Tokens/s counts generated
 tokens (batch x new tokens) over the whole call (prefill included, the same for all three).
@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
-    from nanbeige_jax.hf import save_hf_dir
+    from nanbeige_jax.hf_export import save_hf_dir
     if args.torch_threads:
       torch.set_num_threads(args.torch_threads)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))

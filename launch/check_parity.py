@@ -26,7 +26,8 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
   os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
-  from nanbeige_jax.hf import HFFormatError, check_parity
+  from nanbeige_jax.hf import HFFormatError
+  from nanbeige_jax.hf_parity import check_parity
   try:
     report = check_parity(FLAGS.hf_dir, batch=FLAGS.batch, seq_len=FLAGS.seq_len, seed=FLAGS.seed)
   except (HFFormatError, ValueError) as e:

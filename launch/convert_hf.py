@@ -52,7 +52,7 @@ def native_to_hf(src: str, dst: str, dtype: str | None, step: int | None, max_sh
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
-  from nanbeige_jax.hf import parse_size
+  from nanbeige_jax.hf_export import parse_size
   try:
     parse_size(FLAGS.max_shard_size)
   except ValueError as e:

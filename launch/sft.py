@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from nanbeige_jax import distributed  # noqa: E402
-from nanbeige_jax.config import build, define_gin_flags, define_run_flags, parse_gin, run_flag_bindings  # noqa: E402
+from nanbeige_jax.config import define_gin_flags, define_run_flags, run_flag_bindings  # noqa: E402
 
 define_gin_flags(["sft/tiny_arithmetic.gin"], "SFTConfig.global_batch_size=32")
 define_run_flags("runs/sft_tiny", "Run directory: checkpoints, metrics, tokenizer copy.")
@@ -30,8 +30,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   distributed.initialize_from_flags()
-  import gin
-  from nanbeige_jax.train.stage import run_for_launcher
+  from nanbeige_jax.train.stage import launch_stage
   from nanbeige_jax.train.sft import SFTConfig, run_sft
   bindings = list(FLAGS.gin_param)
   if FLAGS.init_from is not None and FLAGS.init_hf is not None:
@@ -45,12 +44,7 @@ def main(argv):
   if FLAGS.tokenizer is not None:
     bindings.append(f"SFTConfig.tokenizer_path = {FLAGS.tokenizer!r}")
   bindings += run_flag_bindings("SFTConfig")
-
-  def run():
-    parse_gin(FLAGS.gin_file, bindings)
-    return run_sft(build(SFTConfig), FLAGS.workdir, fresh=FLAGS.fresh, operative_config=gin.config_str(),
-                   sharding_report=True)
-  run_for_launcher(run, FLAGS.workdir)
+  launch_stage(SFTConfig, run_sft, FLAGS.gin_file, bindings, FLAGS.workdir, fresh=FLAGS.fresh)
 
 
 if __name__ == "__main__":

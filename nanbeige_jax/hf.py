@@ -28,13 +28,10 @@ module writes appears atomically (temporary sibling + ``os.replace``) or not at 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -42,7 +39,6 @@ import ml_dtypes
 import numpy as np
 
 from nanbeige_jax.model.config import ModelConfig
-from nanbeige_jax.model.decoder import decoder_from_params
 
 CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
@@ -421,145 +417,3 @@ def load_hf_params(hf_dir: str | os.PathLike, *, param_dtype: str = "float32",
       raise HFFormatError(f"{hf_dir}: config.json says tie_word_embeddings=true but lm_head.weight in {file_name} "
                           "differs from model.embed_tokens.weight")
   return cfg, params
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Writing a Hugging Face directory
-# --------------------------------------------------------------------------------------------------------------
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(size: int | str) -> int:
-  """'2GB' -> 2e9 bytes (decimal units as transformers; KiB/MiB/GiB binary); ints pass through."""
-  if isinstance(size, int) and not isinstance(size, bool):
-    value = size
-  else:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
-    if not match or match.group(2).upper() not in _SIZE_UNITS:
-      raise ValueError(f"size {size!r}: expected a number with an optional unit {sorted(_SIZE_UNITS)[1:]}, "
-                       "e.g. '2GB'")
-    value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
-  if value <= 0:
-    raise ValueError(f"size {size!r}: expected a positive size")
-  return value
-
-
-@contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike) -> Iterator[Path]:
-  """Yield a fresh temporary sibling of ``dst``; on success it is renamed to ``dst``, on any error removed.
-  ``dst`` must not exist yet (an existing directory is never overwritten)."""
-  dst = Path(dst).absolute()
-  if dst.exists():
-    raise FileExistsError(f"{dst}: already exists; refusing to overwrite")
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-  try:
-    yield tmp
-    if dst.exists():
-      raise FileExistsError(f"{dst}: appeared while it was being written; refusing to overwrite")
-    os.replace(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-def _plan_shards(specs: list[TensorSpec], itemsize: int, max_shard_bytes: int) -> list[list[TensorSpec]]:
-  shards: list[list[TensorSpec]] = [[]]
-  size = 0
-  for s in specs:
-    nbytes = int(np.prod(s.hf_shape)) * itemsize
-    if shards[-1] and size + nbytes > max_shard_bytes:
-      shards.append([])
-      size = 0
-    shards[-1].append(s)
-    size += nbytes
-  return shards
-
-
-def save_hf_dir(hf_dir: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, Any], *,
-                dtype: str = "bfloat16", max_shard_size: int | str = "2GB", token_ids: Mapping[str, Any] | None = None,
-                extra_files: Mapping[str, str] | None = None) -> list[str]:
-  """Write native params as a Hugging Face Llama directory (config.json + safetensors, sharded with an index
-  above ``max_shard_size``; ``token_ids`` go into config.json, ``extra_files`` name -> text are written beside).
-  The directory appears atomically. Returns the weight file names."""
-  from safetensors.numpy import save_file
-  if dtype not in HF_DTYPES:
-    raise ValueError(f"save_hf_dir: dtype must be one of {HF_DTYPES}, found {dtype!r}")
-  max_shard_bytes = parse_size(max_shard_size)
-  validate_native_params(cfg, params)
-  out_dtype = np_dtype(dtype)
-  specs = tensor_specs(cfg)
-  shards = _plan_shards(specs, out_dtype.itemsize, max_shard_bytes)
-  n = len(shards)
-  names = [SINGLE_WEIGHTS_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-  with atomic_directory(hf_dir) as tmp:
-    (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_from_model(cfg, dtype, token_ids), indent=2,
-                                              sort_keys=True) + "\n")
-    for name, text in (extra_files or {}).items():
-      (tmp / name).write_text(text)
-    weight_map: dict[str, str] = {}
-    total_size = 0
-    for file_name, shard in zip(names, shards):
-      tensors = {}
-      for s in shard:
-        leaf = _get_path(params, s.native_path)
-        native = np.asarray(leaf if s.layer is None else leaf[s.layer])
-        tensors[s.hf_name] = np.ascontiguousarray(s.to_hf(native).astype(out_dtype, copy=False))
-        weight_map[s.hf_name] = file_name
-        total_size += tensors[s.hf_name].nbytes
-      save_file(tensors, str(tmp / file_name), metadata={"format": "pt"})
-      del tensors
-    if n > 1:
-      index = {"metadata": {"total_size": total_size, "total_parameters": cfg.num_params()},
-               "weight_map": weight_map}
-      (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-  return names
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Parity with transformers
-# --------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class ParityReport:
-  max_abs_diff: float  # max |logits_ours - logits_hf|
-  max_abs_logit: float  # scale of the logits, for context
-  argmax_agreement: float  # fraction of positions whose argmax token agrees
-  shape: tuple[int, ...]
-
-  def passes(self, tolerance: float) -> bool:
-    return self.max_abs_diff <= tolerance and self.argmax_agreement == 1.0
-
-  def __str__(self) -> str:
-    return (f"logits {self.shape}: max |diff| = {self.max_abs_diff:.3e} (max |logit| {self.max_abs_logit:.3e}), "
-            f"argmax agreement = {self.argmax_agreement:.4%}")
-
-
-def check_parity(hf_dir: str | os.PathLike, *, batch: int = 2, seq_len: int = 32, seed: int = 0) -> ParityReport:
-  """Load ``hf_dir`` into transformers' LlamaForCausalLM (torch, fp32, CPU) and into our Decoder (fp32 params and
-  compute), run the same random tokens through both, and compare the logits."""
-  if batch <= 0 or seq_len <= 0:
-    raise ValueError(f"check_parity: batch and seq_len must be positive, found batch={batch}, seq_len={seq_len}")
-  cfg, params = load_hf_params(hf_dir, param_dtype="float32", dtype="float32", scan_layers=True,
-                               remat_policy="none", attention_impl="xla")
-  if seq_len > cfg.max_position_embeddings:
-    raise ValueError(f"check_parity: seq_len={seq_len} exceeds max_position_embeddings="
-                     f"{cfg.max_position_embeddings}")
-  import torch  # imported only once our side has loaded: a bad directory fails fast
-  import transformers
-  tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq_len), dtype=np.int64)
-  model = decoder_from_params(cfg, params)
-  del params
-  ours = np.asarray(model(tokens.astype(np.int32)), np.float32)
-  del model
-  hf_model = transformers.LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
-                                                           attn_implementation="eager")
-  hf_model.eval()
-  with torch.no_grad():
-    theirs = hf_model(torch.from_numpy(tokens)).logits.float().numpy()
-  if theirs.shape != ours.shape:
-    raise RuntimeError(f"logits shapes differ: ours {ours.shape}, transformers {theirs.shape}")
-  return ParityReport(max_abs_diff=float(np.max(np.abs(ours - theirs))),
-                      max_abs_logit=float(np.max(np.abs(theirs))),
-                      argmax_agreement=float(np.mean(ours.argmax(-1) == theirs.argmax(-1))),
-                      shape=tuple(ours.shape))

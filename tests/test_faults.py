@@ -55,11 +55,7 @@ def snapshot(path: pathlib.Path) -> dict[str, tuple[int, int]]:
   return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))}
 
 
-def one_line_error(proc) -> str:
-  lines = [line for line in proc.stderr.splitlines() if line.strip()]
-  assert proc.returncode != 0
-  assert lines and lines[-1].startswith(("error: ", "stopped: ")), proc.stderr[-2000:]
-  return lines[-1]
+one_line_error = faults.one_line_error
 
 
 # --- 1 + 2: exact resume after SIGKILL, then SIGTERM ------------------------------------------------------------

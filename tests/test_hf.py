@@ -18,7 +18,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from nanbeige_jax import hf
+from nanbeige_jax import hf, hf_export, hf_parity
 from nanbeige_jax.model import ModelConfig, get_preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_logits_parity_with_transformers(which, request):
   _, d = request.getfixturevalue(which)
   cfg, _ = hf.load_hf_params(d)
   assert cfg.tie_word_embeddings == (which == "tied") and cfg.head_dim * cfg.num_heads != cfg.hidden_size
-  report = hf.check_parity(d, batch=2, seq_len=32, seed=0)
+  report = hf_parity.check_parity(d, batch=2, seq_len=32, seed=0)
   assert report.shape == (2, 32, 256)
   assert report.max_abs_diff <= TOLERANCE, str(report)
   assert report.argmax_agreement == 1.0, str(report)
@@ -164,7 +164,7 @@ def test_hf_native_hf_round_trip_is_bit_identical(untied, tied, tmp_path, dtype,
     cfg, params = hf.load_hf_params(src, param_dtype=param_dtype)
     assert params["layers"]["attn"]["q_proj"].dtype == hf.np_dtype(param_dtype)
     out = tmp_path / f"out_{model.config.tie_word_embeddings}"
-    hf.save_hf_dir(out, cfg, params, dtype=dtype, max_shard_size="50KB")
+    hf_export.save_hf_dir(out, cfg, params, dtype=dtype, max_shard_size="50KB")
     original, exported = _read_all(src), _read_all(out)
     assert sorted(original) == sorted(exported)
     for name, value in original.items():
@@ -189,10 +189,11 @@ def test_native_layout_matches_hf_weights(untied):
 
 
 def test_shard_planning_and_sizes():
-  assert hf.parse_size("2GB") == 2 * 10**9 and hf.parse_size("1GiB") == 2**30 and hf.parse_size(123) == 123
+  assert hf_export.parse_size("2GB") == 2 * 10**9 and hf_export.parse_size("1GiB") == 2**30
+  assert hf_export.parse_size(123) == 123
   for bad in ("2XB", "-1GB", "", 0):
     with pytest.raises(ValueError):
-      hf.parse_size(bad)
+      hf_export.parse_size(bad)
 
 
 # --- launcher round trip --------------------------------------------------------------------------------------
@@ -331,7 +332,7 @@ def test_failed_conversion_leaves_no_output(untied, tmp_path, monkeypatch):
   parent = tmp_path / "out_parent"
   with pytest.raises(hf.HFFormatError, match=r"native param layers/mlp/up: expected shape \(2, 64, 96\), found "
                      r"\(2, 64, 95\)"):
-    hf.save_hf_dir(parent / "hf", cfg, bad)
+    hf_export.save_hf_dir(parent / "hf", cfg, bad)
   assert not (parent / "hf").exists()
   # A failure in the middle of writing shards removes the partial output (the temp sibling too).
   real_save_file, calls = safetensors.numpy.save_file, []
@@ -343,7 +344,7 @@ def test_failed_conversion_leaves_no_output(untied, tmp_path, monkeypatch):
     real_save_file(tensors, filename, metadata=metadata)
   monkeypatch.setattr(safetensors.numpy, "save_file", failing_save_file)
   with pytest.raises(OSError, match="injected"):
-    hf.save_hf_dir(parent / "hf", cfg, params, max_shard_size="30KB")
+    hf_export.save_hf_dir(parent / "hf", cfg, params, max_shard_size="30KB")
   assert len(calls) == 3 and os.listdir(parent) == []
   monkeypatch.undo()
   # The launcher fails cleanly on a config that disagrees with the weights and writes nothing.
@@ -377,7 +378,7 @@ def test_tolerated_extras_in_older_checkpoints(tied, tmp_path):
 def test_export_writes_operative_theta_token_ids_and_generation_config(tmp_path):
   """Issue 11 items 1 and 7: a checkpoint trained at RoPE base 1e6 (the preset says 5e6) exports 1e6; config.json
   carries bos/eos/pad ids and generation_config.json the released sampling defaults."""
-  from nanbeige_jax import checkpoint, hf_export
+  from nanbeige_jax import checkpoint
   from nanbeige_jax.data.tokenizer import Tokenizer
   cfg = get_preset("test")
   assert cfg.rope_theta == 5e6

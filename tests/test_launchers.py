@@ -11,7 +11,7 @@ import sys
 import pytest
 from absl import flags
 
-from nanbeige_jax import config, distributed
+from nanbeige_jax import config, distributed, hf_export
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCHERS = sorted(p.name for p in (REPO / "launch").glob("*.py"))
@@ -74,7 +74,7 @@ def test_cpu_machine_output_has_no_libtpu_errors_or_library_info(tmp_path):
   tree: dict = {}
   for path, shape in hf.native_shapes(cfg).items():
     hf._set_path(tree, path, rng.standard_normal(shape).astype(np.float32))
-  hf.save_hf_dir(tmp_path / "hf", cfg, tree, dtype="float32")
+  hf_export.save_hf_dir(tmp_path / "hf", cfg, tree, dtype="float32")
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
   env["PYTHONPATH"] = str(REPO)
   for direction, src, dst in (("hf_to_native", "hf", "native"), ("native_to_hf", "native", "hf_again")):

@@ -33,10 +33,9 @@ import gin
 import jax.numpy as jnp
 import numpy as np
 
-from nanbeige_jax.config import strict_replace
+from nanbeige_jax.optim.phases import PHASE_KEYS, Phase, _check_mixture, _data_changes, _whole_tokens  # noqa: F401
 
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt", "exponential")
-PHASE_KEYS = ("name", "tokens", "mixture", "seq_len", "rope_theta")
 SPLIT_BASE_BITS = 24
 _SPLIT_BASE = 1 << SPLIT_BASE_BITS
 
@@ -48,110 +47,6 @@ PAPER_DECAY_TOKENS = 4_000_000_000_000         # 4T, 4.5e-4 -> 1.5e-6, ABF long-
 PAPER_TOTAL_TOKENS = 23_000_000_000_000
 PAPER_PEAK_LR = 4.5e-4
 PAPER_FINAL_LR = 1.5e-6
-
-
-def _whole_tokens(value: Any, where: str, *, allow_zero: bool) -> int:
-  """A token count given as int or float (12.4e12) -> exact int; fractional, negative or non-numbers raise."""
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-    raise ValueError(f"{where}: expected a number of tokens, found {value!r}")
-  if isinstance(value, (float, np.floating)):
-    if not math.isfinite(value) or value != math.floor(value):
-      raise ValueError(f"{where}: expected a whole number of tokens, found {value!r}")
-  tokens = int(value)
-  if tokens < 0 or (tokens == 0 and not allow_zero):
-    raise ValueError(f"{where}: expected {'>= 0' if allow_zero else '> 0'} tokens, found {value!r}")
-  return tokens
-
-
-def _check_mixture(mixture: Any, where: str) -> dict[str, float]:
-  if not isinstance(mixture, Mapping) or not mixture:
-    raise ValueError(f"{where}.mixture: expected a non-empty dict of source name -> weight, found {mixture!r}")
-  checked = {}
-  for source, weight in mixture.items():
-    if not isinstance(source, str) or not source:
-      raise ValueError(f"{where}.mixture: source names must be non-empty strings, found {source!r}")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)):
-      raise ValueError(f"{where}.mixture[{source!r}]: expected a number, found {weight!r}")
-    if not math.isfinite(weight) or weight < 0:
-      raise ValueError(f"{where}.mixture[{source!r}]: expected a finite weight >= 0, found {weight!r}")
-    checked[source] = float(weight)
-  if sum(checked.values()) <= 0:
-    raise ValueError(f"{where}.mixture: weights must have a positive sum, found {mixture!r}")
-  return checked
-
-
-@dataclasses.dataclass(frozen=True)
-class Phase:
-  """One span of the data schedule.
-
-  ``tokens`` is the length in tokens (a float such as 12.4e12 is accepted if it is a whole number). ``mixture`` maps
-  data-source names to non-negative weights (normalised by the data pipeline). ``seq_len`` / ``rope_theta`` of None
-  inherit the previous phase's value (the first phase inherits the run's defaults); setting them implements the
-  long-context ABF extension.
-  """
-
-  name: str
-  tokens: int
-  mixture: dict[str, float]
-  seq_len: int | None = None
-  rope_theta: float | None = None
-
-  def __post_init__(self):
-    if not isinstance(self.name, str) or not self.name:
-      raise ValueError(f"Phase.name: expected a non-empty string, found {self.name!r}")
-    where = f"Phase {self.name!r}"
-    object.__setattr__(self, "tokens", _whole_tokens(self.tokens, f"{where}.tokens", allow_zero=False))
-    object.__setattr__(self, "mixture", _check_mixture(self.mixture, where))
-    if self.seq_len is not None and (isinstance(self.seq_len, bool) or not isinstance(self.seq_len, (int, np.integer))
-                                     or self.seq_len <= 0):
-      raise ValueError(f"{where}.seq_len: expected a positive int or None, found {self.seq_len!r}")
-    if self.seq_len is not None:
-      object.__setattr__(self, "seq_len", int(self.seq_len))
-    if self.rope_theta is not None:
-      if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float, np.integer, np.floating)) \
-          or not self.rope_theta > 1:
-        raise ValueError(f"{where}.rope_theta: expected a number > 1 or None, found {self.rope_theta!r}")
-      object.__setattr__(self, "rope_theta", float(self.rope_theta))
-
-  @classmethod
-  def from_any(cls, spec: "Phase | Mapping[str, Any]", where: str) -> "Phase":
-    """A Phase, or a dict with exactly the Phase keys (name, tokens, mixture required)."""
-    if isinstance(spec, Phase):
-      return spec
-    if not isinstance(spec, Mapping):
-      raise ValueError(f"{where}: expected a Phase or a dict with keys {PHASE_KEYS}, found {spec!r}")
-    unknown = sorted(set(spec) - set(PHASE_KEYS))
-    if unknown:
-      raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys: {list(PHASE_KEYS)}")
-    missing = [k for k in ("name", "tokens", "mixture") if k not in spec]
-    if missing:
-      raise ValueError(f"{where}: missing key(s) {missing}; allowed keys: {list(PHASE_KEYS)}")
-    return cls(**spec)
-
-  def normalized_mixture(self) -> dict[str, float]:
-    """Weights summing to 1 with zero-weight sources dropped (what the data actually sees)."""
-    total = sum(self.mixture.values())
-    return {k: v / total for k, v in sorted(self.mixture.items()) if v > 0}
-
-  def replace(self, **changes: Any) -> "Phase":
-    return strict_replace(self, **changes)
-
-
-def _same_mixture(a: Phase, b: Phase) -> bool:
-  ma, mb = a.normalized_mixture(), b.normalized_mixture()
-  return ma.keys() == mb.keys() and all(abs(ma[k] - mb[k]) <= 1e-12 for k in ma)
-
-
-def _data_changes(prev: Phase, nxt: Phase) -> list[str]:
-  """What differs between two consecutive resolved phases: subset of ['mixture', 'seq_len', 'rope_theta']."""
-  changes = []
-  if not _same_mixture(prev, nxt):
-    changes.append("mixture")
-  if prev.seq_len != nxt.seq_len:
-    changes.append("seq_len")
-  if prev.rope_theta != nxt.rope_theta:
-    changes.append("rope_theta")
-  return changes
 
 
 class SplitTokens(NamedTuple):
@@ -197,6 +92,11 @@ class PhasePlan:
   @property
   def end_step(self) -> int:
     return self.start_step + self.num_steps
+
+  @property
+  def rows(self) -> int:
+    """Rows (sequences) per optimizer step in this phase, all processes."""
+    return self.tokens_per_step // self.seq_len if self.seq_len else 0
 
 
 @gin.configurable(module="nanbeige_jax.optim")
@@ -272,7 +172,8 @@ class FGWSDSchedule:
     if self.warmup_tokens > 0:
       timeline.append(Phase(name="warmup", tokens=self.warmup_tokens,
                             mixture=dict(self.warmup_mixture if self.warmup_mixture is not None else first.mixture),
-                            seq_len=first.seq_len, rope_theta=first.rope_theta))
+                            seq_len=first.seq_len, rope_theta=first.rope_theta,
+                            global_batch_size=first.global_batch_size))
     timeline.extend(self.stable_phases)
     if self.decay_phases:
       timeline.extend(self.decay_phases)
@@ -281,13 +182,17 @@ class FGWSDSchedule:
       timeline.append(Phase(name="decay", tokens=self.decay_tokens, mixture=dict(last.mixture)))
     return tuple(timeline)
 
-  def resolved_phases(self, seq_len: int | None = None, rope_theta: float | None = None) -> tuple[Phase, ...]:
-    """``phases`` with seq_len / rope_theta inheritance applied (defaults for the first phase: the arguments)."""
+  def resolved_phases(self, seq_len: int | None = None, rope_theta: float | None = None,
+                      global_batch_size: int | None = None) -> tuple[Phase, ...]:
+    """``phases`` with seq_len / rope_theta / global_batch_size inheritance applied (defaults for the first phase:
+    the arguments)."""
     resolved = []
+    rows = global_batch_size
     for phase in self.phases:
       seq_len = phase.seq_len if phase.seq_len is not None else seq_len
       rope_theta = phase.rope_theta if phase.rope_theta is not None else rope_theta
-      resolved.append(phase.replace(seq_len=seq_len, rope_theta=rope_theta))
+      rows = phase.global_batch_size if phase.global_batch_size is not None else rows
+      resolved.append(phase.replace(seq_len=seq_len, rope_theta=rope_theta, global_batch_size=rows))
     return tuple(resolved)
 
   def phase_starts(self) -> tuple[int, ...]:
@@ -392,7 +297,8 @@ class FGWSDSchedule:
 
   # ----------------------------------------------------------------------------------------------- steps
   def plan(self, tokens_per_step: int | Callable[[Phase], int], *, seq_len: int | None = None,
-           rope_theta: float | None = None, start_step: int = 0, start_tokens: int = 0) -> list[PhasePlan]:
+           rope_theta: float | None = None, start_step: int = 0, start_tokens: int = 0,
+           global_batch_size: int | None = None) -> list[PhasePlan]:
     """Map the token schedule onto optimizer steps. ``tokens_per_step`` is an int or a function of the resolved
     Phase (e.g. ``lambda p: global_batch * p.seq_len``). Each phase runs whole steps until the tokens seen reach its
     end (the overshoot, < 1 step, carries into the next phase; a phase shorter than that overshoot gets 0 steps).
@@ -405,7 +311,7 @@ class FGWSDSchedule:
     start_step = _whole_tokens(start_step, "FGWSDSchedule.plan(start_step)", allow_zero=True)
     start_tokens = _whole_tokens(start_tokens, "FGWSDSchedule.plan(start_tokens)", allow_zero=True)
     entries, step, seen, end = [], start_step, start_tokens, 0
-    for index, phase in enumerate(self.resolved_phases(seq_len, rope_theta)):
+    for index, phase in enumerate(self.resolved_phases(seq_len, rope_theta, global_batch_size)):
       tps = tokens_per_step(phase) if callable(tokens_per_step) else tokens_per_step
       if isinstance(tps, bool) or not isinstance(tps, (int, np.integer)) or tps <= 0:
         raise ValueError(f"tokens per step for phase {phase.name!r}: expected a positive int, found {tps!r}")
@@ -419,12 +325,12 @@ class FGWSDSchedule:
     return entries
 
   def validate(self, tokens_per_step: int | Callable[[Phase], int], *, seq_len: int | None = None,
-               rope_theta: float | None = None) -> list[PhasePlan]:
+               rope_theta: float | None = None, global_batch_size: int | None = None) -> list[PhasePlan]:
     """Check that no data switch (mixture, seq_len, rope_theta) takes effect on the step where the warmup ends or the
     decay starts, given the tokens per step; returns the step plan. A token event at position b takes effect on the
     first step that starts with >= b tokens seen; the decay start also owns the first step with > b tokens seen (the
     first step whose LR is below peak)."""
-    plan = self.plan(tokens_per_step, seq_len=seq_len, rope_theta=rope_theta)
+    plan = self.plan(tokens_per_step, seq_len=seq_len, rope_theta=rope_theta, global_batch_size=global_batch_size)
     by_name = {entry.phase.name: entry for entry in plan}
     lr_steps: dict[int, str] = {}
     if self.warmup_tokens > 0:
@@ -491,11 +397,12 @@ def plan_steps(schedule: FGWSDSchedule, global_batch: int, seq_len: int | None =
   def tokens_per_step(phase: Phase) -> int:
     if phase.seq_len is None:
       raise ValueError(f"plan_steps: phase {phase.name!r} has no seq_len; set it in the schedule or pass seq_len=")
-    return int(global_batch) * phase.seq_len
-  plan = schedule.validate(tokens_per_step, seq_len=seq_len, rope_theta=rope_theta)
+    return phase.global_batch_size * phase.seq_len
+  plan = schedule.validate(tokens_per_step, seq_len=seq_len, rope_theta=rope_theta,
+                           global_batch_size=int(global_batch))
   if start_step or start_tokens:
     plan = schedule.plan(tokens_per_step, seq_len=seq_len, rope_theta=rope_theta, start_step=start_step,
-                         start_tokens=start_tokens)
+                         start_tokens=start_tokens, global_batch_size=int(global_batch))
   return plan
 
 

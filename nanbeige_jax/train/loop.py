@@ -29,13 +29,18 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from nanbeige_jax.metrics import MetricsWriter, Progress, device_peak_flops, measure_cpu_peak_flops
 from nanbeige_jax.train.state import TrainState
+
+
+if TYPE_CHECKING:  # annotations only (checkpointing imports this module)
+  from nanbeige_jax.train.checkpointing import Checkpointer
 
 log = logging.getLogger("nanbeige_jax.loop")
 

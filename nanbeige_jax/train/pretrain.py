@@ -66,6 +66,7 @@ class PretrainConfig(stage.RunConfig):
   # workdir tokenizer.model): the tokenizer the data was prepared with.
   prepared_root: str | None = None
   plot: bool = True
+  dry_run_topology: str = "v5p-8"           # the TPU slice `launch/pretrain.py --dry_run` compiles for (--topology)
   # Fault injection (tests, drills): 1-based steps whose batch gets NaN loss weights, so that step's loss and
   # gradients are non-finite and the non-finite policy runs for real. Applied on the host to the batch only; the
   # data stream and everything else are unchanged. Leave empty for real runs.
@@ -81,6 +82,8 @@ class PretrainConfig(stage.RunConfig):
       raise ValueError(f"PretrainConfig.fault_nonfinite_steps: expected a list of steps >= 1, found "
                        f"{self.fault_nonfinite_steps!r}")
     object.__setattr__(self, "fault_nonfinite_steps", tuple(self.fault_nonfinite_steps))
+    if not isinstance(self.dry_run_topology, str) or not self.dry_run_topology:
+      raise ValueError(f"PretrainConfig.dry_run_topology: expected a TPU slice name, found {self.dry_run_topology!r}")
     if self.data_backend not in DATA_BACKENDS:
       raise ValueError(f"PretrainConfig.data_backend: expected one of {DATA_BACKENDS}, found {self.data_backend!r}")
     if self.data_backend == "prepared" and not (isinstance(self.prepared_root, str) and self.prepared_root):
@@ -163,7 +166,7 @@ class PretrainStage(stage.Stage):
 
   def next_inputs(self, run: stage.StageRun, step: int, state: Any) -> StepInputs:
     entry = stage.phase_for_step(run.plan, step)
-    batch = run.data.next_batch(entry.phase.normalized_mixture(), entry.seq_len)
+    batch = run.phase_batch(entry, lambda: run.data.next_batch(entry.phase.normalized_mixture(), entry.seq_len))
     if step + 1 in run.cfg.fault_nonfinite_steps:  # fault injection (PretrainConfig.fault_nonfinite_steps)
       batch["loss_weights"] = np.full_like(batch["loss_weights"], np.nan)
     return run.schedule_inputs(step, batch, tokens=entry.tokens_per_step)

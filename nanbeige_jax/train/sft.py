@@ -181,7 +181,7 @@ class SFTStage(stage.Stage):
 
   def next_inputs(self, run: stage.StageRun, step: int, state: Any) -> StepInputs:
     entry = stage.phase_for_step(run.plan, step)
-    batch = run.data.next_batch(entry.phase.normalized_mixture(), entry.seq_len)
+    batch = run.phase_batch(entry, lambda: run.data.next_batch(entry.phase.normalized_mixture(), entry.seq_len))
     real = batch["segment_ids"] > 0
     return run.schedule_inputs(step, batch, tokens=int(real.sum()) * jax.process_count(),
                                fields={"fill": float(real.mean())})
