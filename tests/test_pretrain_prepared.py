@@ -50,15 +50,24 @@ def _bindings(prepared, **overrides):
   return faults.bindings(prepared["tokenizer"], prepared["corpus"], **settings)
 
 
-def test_prepared_run_resumes_exactly(prepared):
-  base, bindings = prepared["base"], _bindings(prepared)
-  reference = base / "reference"
-  done = faults.run(reference, bindings)
+# 8 rows of 32 tokens per step on 8 devices (one process): warmup 1 step, s1 3, s2 2, decay 2 = 8 steps.
+RUN = {"global_batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def reference(prepared):
+  workdir = prepared["base"] / "reference"
+  done = faults.run(workdir, _bindings(prepared, **RUN), devices=8)
   assert done.returncode == 0, done.stderr[-3000:]
-  records = faults.step_records(reference)
-  assert sorted(records) == list(range(1, 17)) and len({loss for loss, _ in records.values()}) == 16
-  assert (reference / "tokenizer.model").read_bytes() == prepared["tokenizer"].read_bytes()
-  result = faults.trial(base, "sigterm", bindings, records, after_step=5, sig=signal.SIGTERM)
+  return workdir, faults.step_records(workdir)
+
+
+def test_prepared_run_resumes_exactly(prepared, reference):
+  workdir, records = reference
+  assert sorted(records) == list(range(1, 9)) and len({loss for loss, _ in records.values()}) == 8
+  assert (workdir / "tokenizer.model").read_bytes() == prepared["tokenizer"].read_bytes()
+  result = faults.trial(prepared["base"], "sigterm", _bindings(prepared, **RUN), records, after_step=3,
+                        sig=signal.SIGTERM, devices=8)
   assert result["exact"], result
 
 
@@ -101,20 +110,16 @@ def _two_processes(workdir: pathlib.Path, bindings: list[str]) -> None:
     assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{text[-3000:]}"
 
 
-def test_two_processes_match_one_process_across_a_resume(prepared):
-  """8 rows of 32 tokens per step: 2 processes x 4 devices read 4 rows each; the 2-process run stops after step 2
-  and resumes to step 4 (both processes restore the same data state); its per-step losses are the 1-process run's
-  with 8 devices (the gradients are summed across processes by gloo, in another order: rtol 1e-6)."""
-  base = prepared["base"]
-  one = base / "one_process"
-  done = faults.run(one, _bindings(prepared, global_batch_size=8, max_steps=4), devices=8)
-  assert done.returncode == 0, done.stderr[-3000:]
-  two = base / "two_processes"
-  _two_processes(two, _bindings(prepared, global_batch_size=8, max_steps=2))
+def test_two_processes_match_one_process_across_a_resume(prepared, reference):
+  """2 processes x 4 devices read 4 of the 8 rows each; the 2-process run stops after step 2 and resumes to step 4
+  (both processes restore the same data state); its per-step losses are the 1-process run's with 8 devices (the
+  gradients are summed across processes by gloo, in another order: rtol 1e-6)."""
+  two = prepared["base"] / "two_processes"
+  _two_processes(two, _bindings(prepared, max_steps=2, **RUN))
   assert max(faults.logged_steps(two)) == 2
-  _two_processes(two, _bindings(prepared, global_batch_size=8, max_steps=4))
-  ref, got = faults.step_records(one), faults.step_records(two)
-  assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+  _two_processes(two, _bindings(prepared, max_steps=4, **RUN))
+  ref, got = reference[1], faults.step_records(two)
+  assert sorted(got) == [1, 2, 3, 4]
   np.testing.assert_allclose([got[s][0] for s in range(1, 5)], [ref[s][0] for s in range(1, 5)], rtol=1e-6)
   summary = json.loads((two / "summary.json").read_text())
   assert summary["start_step"] == 2 and summary["final_step"] == 4
