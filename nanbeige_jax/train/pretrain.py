@@ -7,9 +7,9 @@ would have seen and its losses equal an uninterrupted run's bit for bit (on the 
 
 This module is a spec of the stage template (``nanbeige_jax.train.stage.run_stage``): it supplies the data (native,
 seqio or prepared shards: ``PretrainConfig.data_backend``), the per-step inputs (phase, mixture weights, tokens
-seen, LR and RoPE base from the FG-WSD plan; a checkpoint at every phase end), the LM objective, the per-source losses and the per-source
-evaluation. Fault handling (validation before writing, signals, resume with fallback, the non-finite policy) is
-the template's: see docs/faults.md.
+seen, LR and RoPE base from the FG-WSD plan; a checkpoint at every phase end), the LM objective, the per-source
+losses and the per-source evaluation. Fault handling (validation before writing, signals, resume with fallback, the
+non-finite policy) is the template's: see docs/faults.md.
 """
 from __future__ import annotations
 
