@@ -36,14 +36,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pathlib
+import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nanbeige_jax import checksums
+from nanbeige_jax import checksums, paths
 from nanbeige_jax.checkpoint_errors import (CheckpointError, CheckpointReadError, CorruptCheckpointError, is_transient,
                                             read_failure as _read_failure)
 from nanbeige_jax.checkpoint_trees import (_check_tree_matches, _flat, _host_restore_args, _path_str,
@@ -91,7 +91,7 @@ class CheckpointManager:
     if max_to_keep is not None and (not isinstance(max_to_keep, int) or isinstance(max_to_keep, bool)
                                     or max_to_keep < 1):
       raise ValueError(f"CheckpointManager.max_to_keep: expected a positive int or None, found {max_to_keep!r}")
-    self._directory = pathlib.Path(directory).expanduser().absolute()
+    self._directory = paths.orbax_directory(directory)  # a gs:// URI stays one; a local path is made absolute
     if not create and not self._directory.is_dir():
       raise CheckpointError(f"checkpoint directory {self._directory} does not exist (create=False)")
     preservation = (ocp.checkpoint_managers.LatestN(max_to_keep) if max_to_keep is not None
@@ -109,10 +109,10 @@ class CheckpointManager:
       raise CheckpointError(f"cannot open checkpoint directory {self._directory}: {type(e).__name__}: {e}") from e
 
   @property
-  def directory(self) -> pathlib.Path:
+  def directory(self) -> paths.Path:
     return self._directory
 
-  def step_dir(self, step: int) -> pathlib.Path:
+  def step_dir(self, step: int) -> paths.Path:
     return self._directory / str(step)
 
   # -- listing ---------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nanbeige_jax import paths
 from nanbeige_jax.config import gin_dataclass
 from nanbeige_jax.data.chat_template import user_prompt
 from nanbeige_jax.data.mixture import MixtureIterator
@@ -230,13 +231,17 @@ def score_samples(items: Sequence[TaskItem], samples, tokenizer, stop_ids: Seque
 # --------------------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------------------
-def _resolve_paths(cfg: EvalConfig) -> tuple[pathlib.Path, pathlib.Path]:
-  workdir = pathlib.Path(cfg.workdir)
-  ckpt = pathlib.Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else workdir / "checkpoints"
-  tok = pathlib.Path(cfg.tokenizer_path) if cfg.tokenizer_path else workdir / "tokenizer.model"
-  if not ckpt.is_dir():
-    raise ValueError(f"checkpoint directory {str(ckpt)!r} does not exist")
-  if not tok.is_file():
+def _resolve_paths(cfg: EvalConfig) -> tuple[paths.Path, paths.Path]:
+  """``EvalConfig.workdir`` is a run workdir or a checkpoint directory (``paths.resolve_run_dirs``);
+  ``checkpoint_dir``/``tokenizer_path`` override what it implies."""
+  if cfg.checkpoint_dir:
+    ckpt, workdir = paths.resolve_run_dirs(cfg.checkpoint_dir)
+    if cfg.workdir:
+      workdir = paths.as_path(cfg.workdir)
+  else:
+    ckpt, workdir = paths.resolve_run_dirs(cfg.workdir, what="EvalConfig.workdir")
+  tok = paths.as_path(cfg.tokenizer_path) if cfg.tokenizer_path else workdir / "tokenizer.model"
+  if not paths.is_file(tok):
     raise ValueError(f"tokenizer {str(tok)!r} does not exist (set EvalConfig.tokenizer_path)")
   return ckpt, tok
 

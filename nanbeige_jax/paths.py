@@ -77,6 +77,13 @@ def orbax_directory(path: PathLike) -> epath.Path:
   return as_path(path)
 
 
+def same_path(a: PathLike, b: PathLike) -> bool:
+  """Whether ``a`` and ``b`` name the same file (local: after resolving links and ``..``; URIs: as written)."""
+  if is_local(a) and is_local(b):
+    return os.path.realpath(os.fspath(as_path(a))) == os.path.realpath(os.fspath(as_path(b)))
+  return os.fspath(as_path(a)).rstrip("/") == os.fspath(as_path(b)).rstrip("/")
+
+
 # ---- queries --------------------------------------------------------------------------------------------------------
 def exists(path: PathLike) -> bool:
   return as_path(path).exists()
@@ -194,6 +201,21 @@ def append_text(path: PathLike, text: str) -> None:
   write_bytes(p, old + text.encode("utf-8"))
 
 
+def rename(src: PathLike, dst: PathLike) -> None:
+  """Moves a file or directory tree ``src`` to ``dst`` (parents of ``dst`` created). Local: ``os.replace`` (atomic
+  on one filesystem). Object stores have no rename: the objects are copied, then the source deleted, so a reader may
+  briefly see both; callers move only what no other process is reading (a quarantined checkpoint, a run set aside)."""
+  source, target = as_path(src), as_path(dst)
+  if is_local(source) and is_local(target):
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(target))), exist_ok=True)
+    os.replace(os.fspath(source), os.fspath(target))
+    return
+  if scheme(source) != scheme(target):
+    raise ValueError(f"rename {os.fspath(source)!r} -> {os.fspath(target)!r}: across schemes (copy instead)")
+  target.parent.mkdir(parents=True, exist_ok=True)
+  source.rename(target)
+
+
 def copy(src: PathLike, dst: PathLike) -> None:
   """Copies one file across any two schemes (streamed; parents of ``dst`` created; ``dst`` overwritten). The
   destination is written atomically when local (temporary file, then rename) and as one object upload otherwise."""
@@ -228,6 +250,19 @@ def local_copy(path: PathLike, cache_dir: PathLike) -> str:
   if not os.path.exists(target):
     copy(text, target)
   return target
+
+
+# ---- run directories ------------------------------------------------------------------------------------------------
+def resolve_run_dirs(path: PathLike, *, what: str = "checkpoint directory") -> tuple[epath.Path, epath.Path]:
+  """``(checkpoint directory, run workdir)`` of ``path``, which names either a run workdir (holding
+  ``checkpoints/``) or a checkpoint directory (its parent is then the run workdir); ValueError when ``path`` does not
+  exist. The one resolution the trainers' ``init_from``, ``launch/eval.py`` and the refinement models use."""
+  p = as_path(path)
+  if not p.is_dir():
+    raise ValueError(f"{what} {os.fspath(path)!r} does not exist")
+  if (p / "checkpoints").is_dir():
+    return p / "checkpoints", p
+  return p, p.parent
 
 
 # ---- extra fsspec schemes -------------------------------------------------------------------------------------------

@@ -109,12 +109,10 @@ class LocalChatModel(ChatModel):
                batch_size: int = 8, seed: int = 0, prompt_bucket: int = 128):
     from nanbeige_jax.data.tokenizer import Tokenizer
     from nanbeige_jax.generate import Sampler, SamplingConfig, load_model, resolve_stop_tokens
-    path = pathlib.Path(checkpoint)
-    if not path.is_dir():
-      raise ValueError(f"LocalChatModel: checkpoint {str(path)!r} does not exist")
-    ckpt_dir, run_dir = (path / "checkpoints", path) if (path / "checkpoints").is_dir() else (path, path.parent)
-    tok_path = pathlib.Path(tokenizer_path) if tokenizer_path else run_dir / "tokenizer.model"
-    if not tok_path.is_file():
+    from nanbeige_jax import paths
+    ckpt_dir, run_dir = paths.resolve_run_dirs(checkpoint, what="LocalChatModel: checkpoint")
+    tok_path = paths.as_path(tokenizer_path) if tokenizer_path else run_dir / "tokenizer.model"
+    if not paths.is_file(tok_path):
       raise ValueError(f"LocalChatModel: tokenizer {str(tok_path)!r} does not exist (pass tokenizer_path)")
     self.tokenizer = Tokenizer.load(tok_path)
     model, _, self.step = load_model(ckpt_dir, step=step, tokenizer=self.tokenizer, dtype="float32")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import time
 from typing import Any, Callable
 
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanbeige_jax import checkpoint as ckpt_lib
+from nanbeige_jax import paths
 from nanbeige_jax.hf import load_hf_params
 from nanbeige_jax.model import ModelConfig
 from nanbeige_jax.train import resume
@@ -43,10 +43,10 @@ class RunError(ValueError):
 
 
 # --- workdir and initial parameters ----------------------------------------------------------------------------
-def move_run_aside(workdir: str | os.PathLike) -> list[pathlib.Path]:
+def move_run_aside(workdir: str | os.PathLike) -> list[paths.Path]:
   """``--fresh``: rename ``<workdir>/checkpoints`` and ``metrics.jsonl`` to ``<name>.old.<unix time>`` (nothing is
-  deleted). Call it only once the run's input is validated."""
-  workdir = pathlib.Path(workdir)
+  deleted; on an object store a rename is a copy, then a delete). Call it only once the run's input is validated."""
+  workdir = paths.as_path(workdir)
   moved = []
   if jax.process_index() != 0:
     return moved
@@ -54,22 +54,20 @@ def move_run_aside(workdir: str | os.PathLike) -> list[pathlib.Path]:
   for path in (workdir / "checkpoints", workdir / METRICS_FILE):
     if path.exists():
       aside = path.with_name(f"{path.name}.old.{stamp}")
-      os.replace(path, aside)
+      paths.rename(path, aside)
       log.warning("--fresh: moved %s aside to %s", path, aside)
       moved.append(aside)
   return moved
 
 
 def resolve_run_dirs(path: str | os.PathLike, *, what: str = "checkpoint directory"
-                     ) -> tuple[pathlib.Path, pathlib.Path]:
+                     ) -> tuple[paths.Path, paths.Path]:
   """``(checkpoint directory, run workdir)`` of ``path``, which names either a run workdir (holding
-  ``checkpoints/``) or a checkpoint directory; RunError when it does not exist."""
-  path = pathlib.Path(path)
-  if not path.is_dir():
-    raise RunError(f"{what} {str(path)!r} does not exist")
-  if (path / "checkpoints").is_dir():
-    return path / "checkpoints", path
-  return path, path.parent
+  ``checkpoints/``) or a checkpoint directory (``paths.resolve_run_dirs``); RunError when it does not exist."""
+  try:
+    return paths.resolve_run_dirs(path, what=what)
+  except ValueError as e:
+    raise RunError(str(e)) from None
 
 
 def check_tokenizer(metadata: dict, tokenizer: Any, where: str) -> None:
@@ -147,7 +145,7 @@ def init_params(trainer: Any, *, checkpoint_dir: str | os.PathLike | None = None
                if getattr(model_cfg, k) != v]
       raise RunError(f"{hf_dir}: the Hugging Face model differs from the run's model config: {'; '.join(diffs)}")
     return jax.device_put(params, shardings), {"stage": "hf", "source": str(hf_dir)}
-  directory = pathlib.Path(checkpoint_dir)
+  directory = paths.as_path(checkpoint_dir)
   if not directory.is_dir():
     raise RunError(f"init checkpoint directory {str(directory)!r} does not exist")
   try:
@@ -185,7 +183,7 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, *, metadata: dict | Callable[[int], dict],
                data_state_fn: Callable[[], dict], keep: int = 3, async_save: bool = True,
                check_metadata: Callable[[int, dict], None] | None = None, targets: tuple[Any, Any] | None = None):
-    self.directory = pathlib.Path(directory)
+    self.directory = paths.as_path(directory)
     self.metadata = metadata
     self.data_state_fn = data_state_fn
     self.keep = keep
@@ -270,7 +268,8 @@ def resume_or_init(trainer: Any, checkpointer: Checkpointer, workdir: str | os.P
   state, start_step, data_state = restored
   log.info("resumed from %s step %d", checkpointer.directory, start_step)
   if jax.process_index() == 0:
-    dropped = resume.truncate_metrics(pathlib.Path(workdir) / METRICS_FILE, start_step)
+    # Before the loop's MetricsWriter starts: on a non-local workdir it downloads metrics.jsonl to append to it.
+    dropped = resume.truncate_metrics(paths.join(workdir, METRICS_FILE), start_step)
     if dropped:
       log.warning("dropped %d metric row(s) logged after step %d by the interrupted run", dropped, start_step)
   return state, start_step, data_state

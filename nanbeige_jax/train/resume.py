@@ -14,7 +14,10 @@
   arrays have been read back and match their stored checksums (``CheckpointManager.verify_arrays``), so the newest
   verified step is never deleted, whatever the newer steps look like; corrupt steps are moved aside.
 * ``truncate_metrics``: on resume, drop metric rows written after the restored step (the killed run logged steps
-  that the resumed run redoes), atomically (write a temporary file, then ``os.replace``).
+  that the resumed run redoes), atomically (``paths.write_text``: a temporary file renamed over it on local disk,
+  one object upload on an object store).
+
+Every path goes through ``nanbeige_jax.paths``, so the workdir may be on any scheme (``gs://...``).
 
 A step still being written (``<step>.orbax-checkpoint-tmp*``) is never listed by the checkpoint layer, so a process
 killed mid-save leaves nothing a restart would pick up.
@@ -23,14 +26,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import pathlib
 import time
 from typing import Any, Callable
 
 import jax
 
 from nanbeige_jax import checkpoint as ckpt_lib
+from nanbeige_jax import paths
 from nanbeige_jax.config import ConfigError
 
 log = logging.getLogger("nanbeige_jax.resume")
@@ -46,15 +48,15 @@ def _one_line(err: BaseException) -> str:
   return " ".join(str(err).split())
 
 
-def quarantine_step(manager: ckpt_lib.CheckpointManager, step: int, reason: str) -> pathlib.Path:
+def quarantine_step(manager: ckpt_lib.CheckpointManager, step: int, reason: str) -> paths.Path:
   """Move ``<ckpt_dir>/<step>`` to ``<ckpt_dir>/../checkpoints.corrupt/<step>.<unix time>`` (outside the directory
   orbax scans) and return the new path. The caller must reopen its CheckpointManager afterwards."""
   source = manager.step_dir(step)
   aside_root = manager.directory.parent / CORRUPT_DIRNAME
   target = aside_root / f"{step}.{int(time.time() * 1000)}"
   if jax.process_index() == 0:  # every process found the same failure; one moves it, the others wait
-    aside_root.mkdir(parents=True, exist_ok=True)
-    os.replace(source, target)
+    paths.mkdir(aside_root)
+    paths.rename(source, target)
     log.warning("checkpoint %s is unusable (%s); moved it aside to %s", source, reason, target)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -62,14 +64,14 @@ def quarantine_step(manager: ckpt_lib.CheckpointManager, step: int, reason: str)
   return target
 
 
-def check_workdir(ckpt_dir: pathlib.Path, check_metadata: Callable[[int, dict], None]) -> int | None:
+def check_workdir(ckpt_dir: paths.PathLike, check_metadata: Callable[[int, dict], None]) -> int | None:
   """Read-only pre-flight check of an existing checkpoint directory (nothing is created or changed).
 
   Returns the newest step whose metadata is readable (None when there is no committed step). ``check_metadata
   (step, metadata)`` raises ConfigError when that checkpoint belongs to a different run (model, tokenizer).
   Raises ResumeError when steps exist but none has readable metadata.
   """
-  if not ckpt_dir.is_dir():
+  if not paths.is_dir(ckpt_dir):
     return None
   manager = ckpt_lib.CheckpointManager(ckpt_dir, max_to_keep=None, async_save=False, create=False)
   try:
@@ -96,7 +98,7 @@ def check_workdir(ckpt_dir: pathlib.Path, check_metadata: Callable[[int, dict], 
 
 def restore_with_fallback(open_manager: Callable[[], ckpt_lib.CheckpointManager], *, params_target: Any,
                           opt_state_target: Any) -> tuple[ckpt_lib.CheckpointManager, ckpt_lib.Restored | None,
-                                                          list[pathlib.Path]]:
+                                                          list[paths.Path]]:
   """Restore the newest step that restores completely; corrupt newer steps are moved aside (with a warning).
 
   ``open_manager()`` opens the run's CheckpointManager (called again after a step was moved aside, since orbax
@@ -168,13 +170,13 @@ def prune_checkpoints(manager: ckpt_lib.CheckpointManager, keep: int, *, params_
   return sorted(deleted)
 
 
-def truncate_metrics(path: pathlib.Path, last_step: int) -> int:
-  """Atomically drop rows with ``step > last_step`` (and unreadable partial lines) from a metrics JSONL file.
-  Returns the number of rows dropped."""
-  if not path.exists():
+def truncate_metrics(path: paths.PathLike, last_step: int) -> int:
+  """Atomically drop rows with ``step > last_step`` (and unreadable partial lines) from a metrics JSONL file (any
+  path-layer scheme). Returns the number of rows dropped."""
+  if not paths.exists(path):
     return 0
   kept, dropped = [], 0
-  for line in path.read_text().splitlines():
+  for line in paths.read_text(path).splitlines():
     if not line.strip():
       continue
     try:
@@ -188,7 +190,5 @@ def truncate_metrics(path: pathlib.Path, last_step: int) -> int:
     else:
       kept.append(line)
   if dropped:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    paths.write_text(path, "".join(line + "\n" for line in kept))
   return dropped

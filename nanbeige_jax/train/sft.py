@@ -22,12 +22,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pathlib
-import shutil
 from typing import Any
 
 import jax
 
+from nanbeige_jax import paths
 from nanbeige_jax.checkpoint import build_metadata
 from nanbeige_jax.config import ConfigError, as_dict, gin_dataclass
 from nanbeige_jax.data import chat_template
@@ -91,18 +90,18 @@ class SFTConfig(stage.RunConfig):
 
 
 # --- set-up ----------------------------------------------------------------------------------------------------
-def load_tokenizer(cfg: SFTConfig, workdir: pathlib.Path, resuming: bool) -> Tokenizer:
+def load_tokenizer(cfg: SFTConfig, workdir: paths.PathLike, resuming: bool) -> Tokenizer:
   if cfg.tokenizer_path:
-    path = pathlib.Path(cfg.tokenizer_path)
-  elif resuming and (workdir / "tokenizer.model").is_file():
-    path = workdir / "tokenizer.model"
+    path = paths.as_path(cfg.tokenizer_path)
+  elif resuming and paths.is_file(paths.join(workdir, "tokenizer.model")):
+    path = paths.as_path(paths.join(workdir, "tokenizer.model"))
   elif cfg.init_from is not None:
     path = resolve_run_dirs(cfg.init_from, what="SFTConfig.init_from:")[1] / "tokenizer.model"
   elif cfg.init_hf is not None:
-    path = pathlib.Path(cfg.init_hf) / "tokenizer.model"
+    path = paths.as_path(cfg.init_hf) / "tokenizer.model"
   else:
     raise ConfigError("no tokenizer: set SFTConfig.tokenizer_path (or init from a run that has one)")
-  if not path.is_file():
+  if not paths.is_file(path):
     raise ConfigError(f"tokenizer {str(path)!r} does not exist; set SFTConfig.tokenizer_path (--tokenizer)")
   tokenizer = Tokenizer.load(path)
   missing = [p for p in CHAT_SPECIALS if p not in tokenizer.special_ids]
@@ -147,10 +146,9 @@ class SFTStage(stage.Stage):
       check_tokenizer(source_meta, run.tokenizer, f"{init_ckpt}: the init checkpoint")
 
   def write_workdir(self, run: stage.StageRun) -> None:
-    tok_copy = run.workdir / "tokenizer.model"
-    if jax.process_index() == 0 and pathlib.Path(run.tokenizer.source).resolve() != tok_copy.resolve():
-      shutil.copyfile(run.tokenizer.source, f"{tok_copy}.tmp.{os.getpid()}")
-      os.replace(f"{tok_copy}.tmp.{os.getpid()}", tok_copy)
+    tok_copy = paths.join(run.workdir, "tokenizer.model")
+    if jax.process_index() == 0 and not paths.same_path(run.tokenizer.source, tok_copy):
+      paths.copy(run.tokenizer.source, tok_copy)  # atomic on local disk, one object upload elsewhere
 
   def objective(self, run: stage.StageRun):
     return make_lm_loss(num_sources=len(run.extra["names"]), vocab_chunk=run.cfg.vocab_chunk)

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import os
-import pathlib
 import sys
 from typing import Any, Callable
 
@@ -28,6 +27,7 @@ import jax
 import numpy as np
 
 from nanbeige_jax import checkpoint as ckpt_lib
+from nanbeige_jax import paths
 from nanbeige_jax.config import ConfigError, build, parse_gin
 from nanbeige_jax.model.attention import check_attention_memory
 from nanbeige_jax.optim.optimizer import OptimizerConfig, make_optimizer
@@ -102,10 +102,7 @@ def launch_stage(config_cls: type, run_fn: Callable[..., dict[str, Any]], gin_fi
 
 def write_summary(workdir: str | os.PathLike, summary: dict[str, Any]) -> None:
   if jax.process_index() == 0:
-    path = pathlib.Path(workdir) / "summary.json"
-    tmp = path.with_suffix(f".json.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, path)
+    paths.write_text(paths.join(workdir, "summary.json"), json.dumps(summary, indent=2, default=str))
 
 
 # --- the stage template ----------------------------------------------------------------------------------------
@@ -114,7 +111,7 @@ class StageRun:
   """What ``run_stage`` knows about a run, handed to every hook of the spec (hooks fill in their parts)."""
 
   cfg: Any
-  workdir: pathlib.Path
+  workdir: paths.Path                       # any path-layer scheme (gs://...): use paths.* or its epath methods
   fresh: bool
   stop: StopSignal
   model_cfg: Any = None                     # set by spec.prepare
@@ -130,7 +127,7 @@ class StageRun:
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # the spec's own set-up state
 
   @property
-  def ckpt_dir(self) -> pathlib.Path:
+  def ckpt_dir(self) -> paths.Path:
     return self.workdir / "checkpoints"
 
   def schedule_inputs(self, step: int, batch: dict[str, np.ndarray], *, tokens: int,
@@ -325,7 +322,7 @@ def validate_config(cfg: Any, spec: Stage, model_cfg: Any, *, platform: str | No
   tokenizer, init checkpoint): ``check_run_plan`` for ``model_cfg`` (the model the run trains, e.g. the preset an
   SFT init checkpoint holds), on ``devices`` (default: this host's) and ``platform`` (the run's, e.g. ``"tpu"`` when
   checking a pod config on a CPU host). Returns the planned ``StageRun`` (plan, total_steps, mesh)."""
-  run = StageRun(cfg=cfg, workdir=pathlib.Path("."), fresh=True, stop=StopSignal())
+  run = StageRun(cfg=cfg, workdir=paths.as_path("."), fresh=True, stop=StopSignal())
   run.model_cfg = model_cfg
   check_run_plan(run, spec, platform=platform, devices=devices)
   return run
@@ -339,7 +336,7 @@ def run_stage(cfg: Any, workdir: str | os.PathLike, spec: Stage, *, fresh: bool 
   TrainingStopped after too many consecutive non-finite steps. SIGTERM/SIGINT during the call (set-up included)
   checkpoint after the current step and return normally."""
   with StopSignal() as stop:
-    run = StageRun(cfg=cfg, workdir=pathlib.Path(workdir), fresh=fresh, stop=stop)
+    run = StageRun(cfg=cfg, workdir=paths.as_path(workdir), fresh=fresh, stop=stop)
     return _run_stage(run, spec, operative_config, sharding_report)
 
 
@@ -359,10 +356,10 @@ def _run_stage(run: StageRun, spec: Stage, operative_config: str | None, shardin
   # From here on the workdir is written.
   if run.fresh:
     move_run_aside(run.workdir)
-  run.workdir.mkdir(parents=True, exist_ok=True)
+  paths.mkdir(run.workdir)
   spec.write_workdir(run)
   if operative_config and jax.process_index() == 0:
-    (run.workdir / "operative_config.gin").write_text(operative_config)
+    paths.write_text(paths.join(run.workdir, "operative_config.gin"), operative_config)
   opt_cfg = cfg.optimizer or OptimizerConfig()
   run.trainer = Trainer(run.model_cfg, make_optimizer(opt_cfg), spec.objective(run), mesh=run.mesh,
                         rules=DEFAULT_RULES, microbatches=cfg.microbatches, frozen_configs=spec.frozen_configs(run))
@@ -399,6 +396,6 @@ def _run_stage(run: StageRun, spec: Stage, operative_config: str | None, shardin
   write_summary(run.workdir, summary)
   if jax.process_index() == 0 and cfg.plot and result.stop_reason is None:
     from nanbeige_jax.plot import plot_run  # matplotlib: only when a plot is asked for
-    summary["plot"] = plot_run(str(run.workdir / METRICS_FILE), str(run.workdir / "run.png"))
+    summary["plot"] = plot_run(paths.join(run.workdir, METRICS_FILE), paths.join(run.workdir, "run.png"))
   raise_if_stopped(result)
   return summary
