@@ -336,18 +336,12 @@ class CheckpointManager:
 
 def save_params_checkpoint(directory, params, metadata: dict, step: int = 0) -> None:
   """Synchronously write a params-only checkpoint (``<directory>/<step>/{params,metadata}``)."""
-  manager = CheckpointManager(directory, max_to_keep=None, async_save=False, create=True)
-  try:
+  with CheckpointManager(directory, max_to_keep=None, async_save=False, create=True) as manager:
     manager.save(step, params=params, metadata=metadata)
-  finally:
-    manager.close()
 
 
 def load_params_checkpoint(directory, step: int | None = None, target=None) -> tuple[Any, dict]:
   """(params, metadata) of a step (None: latest) of any checkpoint, full or params-only."""
-  manager = CheckpointManager(directory, max_to_keep=None, async_save=False, create=False)
-  try:
+  with CheckpointManager(directory, max_to_keep=None, async_save=False, create=False) as manager:
     restored = manager.restore(step, params_target=target, params_only=True)
-  finally:
-    manager.close()
   return restored.params, restored.metadata

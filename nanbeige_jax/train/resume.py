@@ -73,8 +73,7 @@ def check_workdir(ckpt_dir: paths.PathLike, check_metadata: Callable[[int, dict]
   """
   if not paths.is_dir(ckpt_dir):
     return None
-  manager = ckpt_lib.CheckpointManager(ckpt_dir, max_to_keep=None, async_save=False, create=False)
-  try:
+  with ckpt_lib.CheckpointManager(ckpt_dir, max_to_keep=None, async_save=False, create=False) as manager:
     steps = manager.all_steps()
     failures = []
     for step in reversed(steps):
@@ -88,8 +87,6 @@ def check_workdir(ckpt_dir: paths.PathLike, check_metadata: Callable[[int, dict]
         raise ResumeError(f"cannot read checkpoint step {step} in {ckpt_dir}: {_one_line(e)}") from None
       check_metadata(step, metadata)
       return step
-  finally:
-    manager.close()
   if steps:
     raise ResumeError(f"no usable checkpoint in {ckpt_dir}: " + "; ".join(failures)
                       + "; move the directory away or pass --fresh to start over")
