@@ -352,6 +352,11 @@ def _run_stage(run: StageRun, spec: Stage, operative_config: str | None, shardin
   except RunError as e:
     raise ConfigError(str(e)) from None
   check_run_plan(run, spec)
+  if jax.process_count() > 1:
+    # Every process reads the workdir (resume pre-flight) before any writes it: without this barrier a process may
+    # see the checkpoint directory another has just created and open it on a different collective path.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("nanbeige_jax stage pre-flight done")
 
   # From here on the workdir is written.
   if run.fresh:
