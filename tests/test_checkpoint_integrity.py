@@ -41,7 +41,7 @@ def _save(manager, step, metadata, tx=None):
 def flip_params_bytes(step_dir: pathlib.Path, count: int = 64) -> list[pathlib.Path]:
   """The issue's trial: flip ``count`` bytes in the middle of each params data file (the OCDBT data files; the
   b-tree files are covered by tensorstore's own CRC)."""
-  files = [p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"
+  files = [p for p in (pathlib.Path(step_dir) / "params").rglob("*") if p.is_file() and p.parent.name == "d"
            and p.parent.parent.name.startswith("ocdbt.process")]
   assert files
   for path in files:
@@ -168,15 +168,16 @@ def test_storage_errors_are_not_corruption(tmp_path, metadata, monkeypatch):
   with ck.CheckpointManager(ckpt, async_save=False, max_to_keep=None) as manager:
     for step in (1, 2):
       _save(manager, step, metadata)
-  flaky = ckpt / "2" / "metadata" / "metadata"
-  read_text = pathlib.Path.read_text
-
-  def failing_read_text(self, *args, **kwargs):  # the filesystem refuses this one file
-    if self == flaky:
-      raise PermissionError(13, "Permission denied", str(self))
-    return read_text(self, *args, **kwargs)
-
-  monkeypatch.setattr(pathlib.Path, "read_text", failing_read_text)
+  flaky = str(ckpt / "2" / "metadata" / "metadata")
+  # The checkpoint layer reads through the path layer (epath); patch its local path class and pathlib alike.
+  with ck.CheckpointManager(ckpt, create=False) as probe:
+    path_classes = {type(probe.step_dir(2)), pathlib.Path}
+  for cls in path_classes:
+    def failing_read_text(self, *args, _read_text=cls.read_text, **kwargs):  # the filesystem refuses one file
+      if str(self) == flaky:
+        raise PermissionError(13, "Permission denied", str(self))
+      return _read_text(self, *args, **kwargs)
+    monkeypatch.setattr(cls, "read_text", failing_read_text)
   with pytest.raises(ck.CheckpointReadError, match="not corruption"):
     ck.CheckpointManager(ckpt, create=False).restore(2)
   open_manager = lambda: ck.CheckpointManager(ckpt, async_save=False, max_to_keep=None, create=False)  # noqa: E731
