@@ -35,7 +35,7 @@ import numpy as np
 from nanbeige_jax import paths
 from nanbeige_jax.config import gin_dataclass
 from nanbeige_jax.data import packing
-from nanbeige_jax.data.sources import SPLITS, DocumentSource, build_source
+from nanbeige_jax.data.sources import SPLITS, DocumentSource, build_source, source_kwargs
 from nanbeige_jax.data.tokenizer import Tokenizer
 
 INDEX_FORMAT = "nanbeige_jax.prepared/v1"
@@ -83,11 +83,7 @@ def build_sources(config: PrepareConfig) -> dict[str, DocumentSource]:
   """The configured sources, relative ``paths`` resolved under ``data_root`` (any path-layer scheme)."""
   out = {}
   for name, spec in config.sources.items():
-    kwargs = {k: v for k, v in spec.items() if k != "kind"}
-    if config.data_root and "paths" in kwargs:
-      given = [kwargs["paths"]] if isinstance(kwargs["paths"], str) else list(kwargs["paths"])
-      kwargs["paths"] = [p if not paths.is_local(p) or os.path.isabs(p) else paths.join(config.data_root, p)
-                         for p in given]
+    kwargs = source_kwargs(spec, config.data_root)
     out[name] = build_source(spec["kind"], name, **kwargs)
   return out
 

@@ -26,7 +26,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import grain
@@ -382,6 +382,17 @@ SOURCE_KINDS: dict[str, Callable[..., DocumentSource]] = {
     "arithmetic": ArithmeticSource,
 }
 SourceLike = Union[DocumentSource, Sequence[str]]
+
+
+def source_kwargs(spec: Mapping[str, Any], data_root: str | None) -> dict[str, Any]:
+  """A source spec's ``build_source`` arguments (all but ``kind``), its relative local ``paths`` resolved under
+  ``data_root`` (URIs and absolute paths are left as given)."""
+  kwargs = {k: v for k, v in spec.items() if k != "kind"}
+  if data_root and "paths" in kwargs:
+    given = [kwargs["paths"]] if isinstance(kwargs["paths"], str) else list(kwargs["paths"])
+    kwargs["paths"] = [p if not path_layer.is_local(p) or os.path.isabs(p) else path_layer.join(data_root, p)
+                       for p in given]
+  return kwargs
 
 
 def build_source(kind: str, name: str | None = None, **kwargs: Any) -> DocumentSource:

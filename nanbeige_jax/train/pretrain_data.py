@@ -17,7 +17,7 @@ from nanbeige_jax.config import ConfigError
 from nanbeige_jax.data.mixture import MixtureIterator
 from nanbeige_jax.data.prepare import INDEX_FILE
 from nanbeige_jax.data.prepared import PreparedMixtureIterator, PreparedSource
-from nanbeige_jax.data.sources import build_source
+from nanbeige_jax.data.sources import build_source, source_kwargs
 from nanbeige_jax.data.tokenizer import Tokenizer
 
 log = logging.getLogger("nanbeige_jax.pretrain")
@@ -26,11 +26,7 @@ log = logging.getLogger("nanbeige_jax.pretrain")
 def build_sources(cfg: Any) -> dict[str, Any]:
   out = {}
   for name, spec in cfg.sources.items():
-    kwargs = {k: v for k, v in spec.items() if k != "kind"}
-    if cfg.data_root and "paths" in kwargs:
-      given = [kwargs["paths"]] if isinstance(kwargs["paths"], str) else list(kwargs["paths"])
-      kwargs["paths"] = [p if not paths.is_local(p) or os.path.isabs(p) else paths.join(cfg.data_root, p)
-                         for p in given]
+    kwargs = source_kwargs(spec, cfg.data_root)
     if spec["kind"] == "jsonl" and cfg.skip_bad_lines:
       kwargs.setdefault("skip_bad_lines", True)
     out[name] = build_source(spec["kind"], name, **kwargs)
