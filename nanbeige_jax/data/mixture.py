@@ -159,6 +159,29 @@ class ShardedBatchIterator:
   def global_batch_size(self) -> int:
     return self.batch_size * self.process_count
 
+  def _state(self, state_format: str, **fields: Any) -> dict[str, Any]:
+    """``get_state`` output: what identifies the stream (format, seed, split, sources, tokenizer), the batch counter
+    and the iterator's own ``fields``; JSON-able and identical on all processes."""
+    return {"format": state_format, "seed": self.seed, "split": self.split, "source_names": list(self.source_names),
+            "tokenizer": self.tokenizer.fingerprint(), "batch_counter": self._batch_counter, **fields}
+
+  def _checked_batch_counter(self, state: Any, state_format: str) -> int:
+    """The batch counter of a ``_state`` output, after checking it is this stream's (format, seed, split, sources,
+    tokenizer); ValueError naming the iterator and the first mismatch otherwise."""
+    name = type(self).__name__
+    if not isinstance(state, Mapping) or state.get("format") != state_format:
+      found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+      raise ValueError(f"not a {name} state (expected format {state_format!r}, found {found!r})")
+    expected = {"seed": self.seed, "split": self.split, "source_names": self.source_names,
+                "tokenizer": self.tokenizer.fingerprint()}
+    for key, value in expected.items():
+      if state.get(key) != value:
+        raise ValueError(f"{name} state has {key}={state.get(key)!r} but this iterator has {value!r}")
+    counter = state.get("batch_counter")
+    if isinstance(counter, bool) or not isinstance(counter, int) or counter < 0:
+      raise ValueError(f"{name} state batch_counter must be an int >= 0, got {counter!r}")
+    return counter
+
   @property
   def batch_counter(self) -> int:
     return self._batch_counter
@@ -222,20 +245,11 @@ class MixtureIterator(ShardedBatchIterator):
   # ---- state --------------------------------------------------------------------------------------------------------
   def get_state(self) -> dict[str, Any]:
     """JSON-able state; identical on all processes."""
-    return {"format": STATE_FORMAT, "seed": self.seed, "split": self.split, "source_names": list(self.source_names),
-            "tokenizer": self.tokenizer.fingerprint(), "batch_counter": self._batch_counter,
-            "cursors": {name: list(cursor) for name, cursor in self._cursors.items()}}
+    return self._state(STATE_FORMAT, cursors={name: list(cursor) for name, cursor in self._cursors.items()})
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Restores ``get_state()`` output; the following batches are exactly those after the saved point."""
-    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-      raise ValueError(f"not a MixtureIterator state (expected format {STATE_FORMAT!r}): "
-                       f"{state.get('format') if isinstance(state, Mapping) else type(state).__name__!r}")
-    expected = {"seed": self.seed, "split": self.split, "source_names": self.source_names,
-                "tokenizer": self.tokenizer.fingerprint()}
-    for key, value in expected.items():
-      if state.get(key) != value:
-        raise ValueError(f"MixtureIterator state has {key}={state.get(key)!r} but this iterator has {value!r}")
+    counter = self._checked_batch_counter(state, STATE_FORMAT)
     cursors = state.get("cursors")
     if not isinstance(cursors, Mapping) or sorted(cursors) != sorted(self.source_names):
       raise ValueError(f"MixtureIterator state cursors must cover sources {self.source_names}, got {cursors!r}")
@@ -246,9 +260,6 @@ class MixtureIterator(ShardedBatchIterator):
           or min(cursor) < 0):
         raise ValueError(f"MixtureIterator state cursor of {name!r} must be [doc_cursor, offset] >= 0, got {cursor!r}")
       new_cursors[name] = [int(cursor[0]), int(cursor[1])]
-    counter = state.get("batch_counter")
-    if not isinstance(counter, int) or counter < 0:
-      raise ValueError(f"MixtureIterator state batch_counter must be an int >= 0, got {counter!r}")
     self._cursors = new_cursors
     self._batch_counter = counter
 

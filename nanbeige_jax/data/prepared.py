@@ -339,20 +339,11 @@ class PreparedMixtureIterator(ShardedBatchIterator):
   # ---- state --------------------------------------------------------------------------------------------------------
   def get_state(self) -> dict[str, Any]:
     """JSON-able state; identical on all processes."""
-    return {"format": STATE_FORMAT, "seed": self.seed, "split": self.split, "source_names": list(self.source_names),
-            "tokenizer": self.tokenizer.fingerprint(), "batch_counter": self._batch_counter,
-            "positions": dict(self._positions)}
+    return self._state(STATE_FORMAT, positions=dict(self._positions))
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Restores ``get_state()`` output; the following batches are exactly those after the saved point."""
-    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-      raise ValueError(f"not a PreparedMixtureIterator state (expected format {STATE_FORMAT!r}): "
-                       f"{state.get('format') if isinstance(state, Mapping) else type(state).__name__!r}")
-    expected = {"seed": self.seed, "split": self.split, "source_names": self.source_names,
-                "tokenizer": self.tokenizer.fingerprint()}
-    for key, value in expected.items():
-      if state.get(key) != value:
-        raise ValueError(f"PreparedMixtureIterator state has {key}={state.get(key)!r} but this iterator has {value!r}")
+    counter = self._checked_batch_counter(state, STATE_FORMAT)
     positions = state.get("positions")
     if not isinstance(positions, Mapping) or sorted(positions) != sorted(self.source_names):
       raise ValueError(f"PreparedMixtureIterator state positions must cover sources {self.source_names}, "
@@ -360,9 +351,6 @@ class PreparedMixtureIterator(ShardedBatchIterator):
     for name, value in positions.items():
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"PreparedMixtureIterator state position of {name!r} must be an int >= 0, got {value!r}")
-    counter = state.get("batch_counter")
-    if isinstance(counter, bool) or not isinstance(counter, int) or counter < 0:
-      raise ValueError(f"PreparedMixtureIterator state batch_counter must be an int >= 0, got {counter!r}")
     self._positions = {name: int(positions[name]) for name in self.source_names}
     self._take_pending(())  # a batch built ahead from the old state is dropped
     self._batch_counter = counter

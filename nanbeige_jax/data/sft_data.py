@@ -224,27 +224,15 @@ class SFTMixtureIterator(ShardedBatchIterator):
     return rows
 
   def get_state(self) -> dict[str, Any]:
-    return {"format": STATE_FORMAT, "seed": self.seed, "split": self.split, "source_names": list(self.source_names),
-            "tokenizer": self.tokenizer.fingerprint(), "batch_counter": self._batch_counter,
-            "cursors": dict(self._cursors)}
+    return self._state(STATE_FORMAT, cursors=dict(self._cursors))
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-      found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
-      raise ValueError(f"not an SFTMixtureIterator state (expected format {STATE_FORMAT!r}, found {found!r})")
-    expected = {"seed": self.seed, "split": self.split, "source_names": self.source_names,
-                "tokenizer": self.tokenizer.fingerprint()}
-    for key, value in expected.items():
-      if state.get(key) != value:
-        raise ValueError(f"SFTMixtureIterator state has {key}={state.get(key)!r} but this iterator has {value!r}")
+    counter = self._checked_batch_counter(state, STATE_FORMAT)
     cursors = state.get("cursors")
     if not isinstance(cursors, Mapping) or sorted(cursors) != sorted(self.source_names) or not all(
         isinstance(v, int) and v >= 0 for v in cursors.values()):
       raise ValueError(f"SFTMixtureIterator state cursors must map {self.source_names} to ints >= 0, "
                        f"found {cursors!r}")
-    counter = state.get("batch_counter")
-    if not isinstance(counter, int) or counter < 0:
-      raise ValueError(f"SFTMixtureIterator state batch_counter must be an int >= 0, found {counter!r}")
     self._cursors = {k: int(v) for k, v in cursors.items()}
     self._batch_counter = counter
 
