@@ -2,13 +2,12 @@
 checkpoint restores in a single process on another mesh. Also the start-up mode detection of ``distributed``."""
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from processes import free_port, run_together
 
 import multihost_worker as worker
 from nanbeige_jax import distributed
@@ -18,12 +17,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESS_TIMEOUT_S = 240
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("multihost")
@@ -31,20 +24,8 @@ def two_process_run(tmp_path_factory):
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.pop("JAX_NUM_CPU_DEVICES", None)
   port = free_port()
-  procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"), str(i), "2",
-                             str(port), str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for i in range(2)]
-  outputs = []
-  try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=PROCESS_TIMEOUT_S)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
-  for i, (p, text) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{text[-4000:]}"
+  outputs = run_together([[sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"), str(i), "2", str(port),
+                           str(out)] for i in range(2)], env=env, timeout=PROCESS_TIMEOUT_S)
   assert "process 1/2" in outputs[1]
   return out
 

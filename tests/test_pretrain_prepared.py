@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from nanbeige_jax.config import ConfigError, build, parse_gin
-from test_multihost import free_port
+from processes import free_port, run_together
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("faults_harness", REPO / "benchmarks" / "faults.py")
@@ -93,21 +93,9 @@ def test_prepared_preflight_errors(prepared, tmp_path):
 def _two_processes(workdir: pathlib.Path, bindings: list[str]) -> None:
   env = faults.subprocess_env(devices=4)
   port = free_port()
-  procs = [subprocess.Popen(faults.command(workdir, bindings, [f"--coordinator_address=127.0.0.1:{port}",
-                                                               "--num_processes=2", f"--process_id={i}"]),
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outputs = []
-  try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=300)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
-  for i, (p, text) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{text[-3000:]}"
+  run_together([faults.command(workdir, bindings, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                                    f"--process_id={i}"]) for i in range(2)],
+               env=env, timeout=300, cwd=str(REPO), tail=3000)
 
 
 def test_two_processes_match_one_process_across_a_resume(prepared, reference):
