@@ -23,6 +23,7 @@ import os
 import sys
 from typing import Any, Callable
 
+import gin
 import jax
 import numpy as np
 
@@ -92,8 +93,6 @@ def launch_stage(config_cls: type, run_fn: Callable[..., dict[str, Any]], gin_fi
   """A training launcher's ``main`` after its flags became gin ``bindings``: parse the gin files, build and validate
   ``config_cls``, ``run_fn(cfg, workdir, fresh=, operative_config=, sharding_report=True)``, exit as
   ``run_for_launcher`` says."""
-  import gin  # the launchers' configuration language; imported here so the library does not need it at import
-
   def run() -> dict[str, Any]:
     parse_gin(gin_files, bindings)
     return run_fn(build(config_cls), workdir, fresh=fresh, operative_config=gin.config_str(), sharding_report=True)
@@ -342,9 +341,6 @@ def run_stage(cfg: Any, workdir: str | os.PathLike, spec: Stage, *, fresh: bool 
 
 def _run_stage(run: StageRun, spec: Stage, operative_config: str | None, sharding_report: bool) -> dict[str, Any]:
   cfg = run.cfg
-  if cfg.global_batch_size % jax.process_count():  # before anything is read
-    raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not divisible by {jax.process_count()} "
-                      f"processes")
   # Read-only pre-flight: bad input writes nothing.
   run.resume = read_resume_metadata(run, spec)
   try:
